@@ -1,0 +1,187 @@
+"""`make run`: the whole mesh on one machine, as five child processes.
+
+Starts resource_svc, tracker_svc, smoother_svc, exporter_svc and the gateway (in that order,
+each waiting for the previous ones to report health SERVING), then waits. Ctrl-C or SIGTERM
+stops them all gracefully (SIGTERM, then SIGKILL of each process group after a grace period);
+if any service dies, the others are stopped too and the launcher exits non-zero. No child
+outlives the launcher.
+
+`--demo VIDEO --out DIR` additionally submits VIDEO through the CLI (`mocap submit --wait`),
+downloads the results into DIR, and stops the mesh when the job ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mocap_common.procs import child_process, finish_uncancellable, terminate_group
+
+
+@dataclass
+class ServiceSpec:
+    name: str
+    module: str
+    port: int
+    env_addr: str  # the variable other services read this address from
+
+
+SERVICES = (
+    ServiceSpec("resource", "resource_svc", 50055, "MOCAP_RESOURCE_ADDR"),
+    ServiceSpec("tracker", "tracker_svc", 50052, "MOCAP_TRACKER_ADDR"),
+    ServiceSpec("smoother", "smoother_svc", 50053, "MOCAP_SMOOTHER_ADDR"),
+    ServiceSpec("exporter", "exporter_svc", 50054, "MOCAP_EXPORTER_ADDR"),
+    ServiceSpec("gateway", "gateway", 50051, "MOCAP_GATEWAY_ADDR"),
+)
+
+
+@dataclass
+class Running:
+    spec: ServiceSpec
+    proc: asyncio.subprocess.Process
+    address: str
+    log_path: Path
+    exited: asyncio.Task[int] = field(init=False)
+
+
+async def wait_serving(address: str, proc: asyncio.subprocess.Process, timeout_s: float) -> None:
+    """Waits for health SERVING; fails early if the process exits first."""
+    deadline = time.monotonic() + timeout_s
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.returncode is not None:
+                raise RuntimeError(f"exited with status {proc.returncode}")
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"not SERVING after {timeout_s:.0f}s")
+
+
+class Mesh:
+    """The five services as children of this process."""
+
+    def __init__(self, host: str, base_port: int | None, log_dir: Path, ready_timeout_s: float) -> None:
+        self.host = host
+        self.base_port = base_port
+        self.log_dir = log_dir
+        self.ready_timeout_s = ready_timeout_s
+        self.running: list[Running] = []
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        for i, spec in enumerate(SERVICES):
+            self.env.setdefault(spec.env_addr, f"{host}:{self.port_of(spec, i)}")
+
+    def port_of(self, spec: ServiceSpec, i: int) -> int:
+        return spec.port if self.base_port is None else self.base_port + i
+
+    async def start(self, stack: contextlib.AsyncExitStack) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for spec in SERVICES:
+            address = self.env[spec.env_addr]
+            port = address.rsplit(":", 1)[1]
+            log_path = self.log_dir / f"{spec.name}.log"
+            log = open(log_path, "ab")
+            argv = [sys.executable, "-m", spec.module, "--host", self.host, "--port", port]
+            proc = await stack.enter_async_context(child_process(argv, env=self.env, stdout=log, stderr=log))
+            log.close()
+            running = Running(spec, proc, address, log_path)
+            running.exited = asyncio.create_task(proc.wait())
+            self.running.append(running)
+            print(f"  starting {spec.name:<9} {address:<17} log {log_path}", flush=True)
+            try:
+                await wait_serving(address, proc, self.ready_timeout_s)
+            except RuntimeError as exc:
+                raise SystemExit(f"{spec.name} failed to start ({exc}); see {log_path}:\n{_tail(log_path)}") from None
+            print(f"  {spec.name:<9} SERVING", flush=True)
+
+    async def first_exit(self) -> Running:
+        done, _ = await asyncio.wait([r.exited for r in self.running], return_when=asyncio.FIRST_COMPLETED)
+        finished = done.pop()
+        return next(r for r in self.running if r.exited is finished)
+
+    async def stop(self, grace_s: float) -> None:
+        """SIGTERM every service (gateway first), wait for each, then make sure every group is gone."""
+        for running in reversed(self.running):
+            await terminate_group(running.proc, grace_s)
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+async def run_demo(mesh: Mesh, video: str, out: str) -> int:
+    gateway = mesh.env["MOCAP_GATEWAY_ADDR"]
+    argv = [sys.executable, "-m", "gateway.cli", "--addr", gateway, "submit", video, "--wait", "--out", out]
+    async with child_process(argv, env=mesh.env, stdin=None) as proc:
+        return await proc.wait()
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    mesh = Mesh(args.host, args.base_port, Path(args.log_dir), args.ready_timeout)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    status = 0
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            print("mocap mesh: starting five services", flush=True)
+            await mesh.start(stack)
+            waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(mesh.first_exit())]
+            if args.demo:
+                waiters.append(asyncio.create_task(run_demo(mesh, args.demo, args.out)))
+            else:
+                print("all services SERVING; Ctrl-C stops them", flush=True)
+            done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            finished = done.pop()
+            result = finished.result()
+            if isinstance(result, Running):
+                print(f"{result.spec.name} exited unexpectedly (status {result.proc.returncode}); "
+                      f"stopping the mesh. Log tail:\n{_tail(result.log_path)}", file=sys.stderr)
+                status = 1
+            elif isinstance(result, int):
+                status = result
+        finally:
+            print("stopping services", flush=True)
+            await finish_uncancellable(mesh.stop(args.grace))
+    print("all services stopped", flush=True)
+    return status
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mocap-mesh-run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default=os.environ.get("MOCAP_HOST", "127.0.0.1"))
+    parser.add_argument("--base-port", type=int, default=None,
+                        help="use consecutive ports from here (resource, tracker, smoother, exporter, gateway) "
+                             "instead of the defaults 50055, 50052, 50053, 50054, 50051")
+    parser.add_argument("--log-dir", default="data/logs")
+    parser.add_argument("--ready-timeout", type=float, default=180.0)
+    parser.add_argument("--grace", type=float, default=15.0)
+    parser.add_argument("--demo", metavar="VIDEO", help="submit VIDEO and wait for its results")
+    parser.add_argument("--out", default="out", help="where --demo writes the results")
+    args = parser.parse_args(argv)
+    sys.exit(asyncio.run(main_async(args)))
+
+
+if __name__ == "__main__":
+    main()

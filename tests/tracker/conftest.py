@@ -1,0 +1,60 @@
+"""Shared fixtures for the tracker tests: model files from the cache, test media, decoded frames.
+
+Models come from the model cache (`make setup`); when they are missing the tests fail with that
+instruction instead of skipping, so a CI run without models cannot pass silently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from tracker_svc.model_setup import ModelPaths, model_paths
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MEDIA_DIR = REPO_ROOT / ".." / "shared" / "media"
+RUNNER = MEDIA_DIR / "runner_1080p.mp4"
+STREET = MEDIA_DIR / "street_720p.avi"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads() -> None:
+    # The machine has 2 cores shared with other work; keep timings and results reproducible.
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def models() -> ModelPaths:
+    return model_paths()  # raises ModelsMissingError("... run `make setup` ...") when absent
+
+
+def _media(path: Path) -> Path:
+    if not path.is_file():
+        pytest.fail(f"test media {path} is missing (expected the shared/ folder beside the repository)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def runner_path() -> Path:
+    return _media(RUNNER)
+
+
+@pytest.fixture(scope="session")
+def street_path() -> Path:
+    return _media(STREET)
+
+
+def decode_frames(path: Path, indices: set[int]) -> dict[int, np.ndarray]:
+    """RGB frames (H, W, 3) uint8 at the given decode indices."""
+    frames = {}
+    with av.open(str(path)) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            if index in indices:
+                frames[index] = frame.to_ndarray(format="rgb24")
+            if len(frames) == len(indices):
+                break
+    return frames
