@@ -1,0 +1,136 @@
+"""gRPC adapter for ExporterService: decode the request stream, run the export, stream back
+progress, files (announcement + ≤ 1 MiB chunks, sha256 over the bytes sent) and the result.
+
+Everything the call writes lives in its own directory (`workspace.call_workspace`), removed when
+the call ends however it ends; errors are `ServiceError`s mapped by the shared interceptor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator
+
+import grpc
+from prometheus_client import Counter
+
+from exporter_svc.config import ExporterConfig
+from exporter_svc.export import ExportOutcome, Exporter, ProducedFile
+from exporter_svc.intake import IntakeLimits, read_export_request
+from exporter_svc.workspace import call_workspace
+from mocap.v1 import common_pb2, exporter_pb2, exporter_pb2_grpc
+from mocap_common.errors import Internal, ServiceError
+from mocap_common.logs import bound_context, get_logger
+from mocap_common.procs import finish_uncancellable
+
+log = get_logger(__name__)
+
+FILES_SENT = Counter("exporter_files_sent_total", "Files streamed back to callers, by kind.", ["kind"])
+
+CHUNK_BYTES = 1024 * 1024
+DRAIN_S = 10.0
+KINDS = {"bvh": common_pb2.ARTIFACT_KIND_BVH, "fbx": common_pb2.ARTIFACT_KIND_FBX,
+         "glb": common_pb2.ARTIFACT_KIND_GLB, "preview": common_pb2.ARTIFACT_KIND_PREVIEW,
+         "quality_report": common_pb2.ARTIFACT_KIND_QUALITY_REPORT}
+
+
+class ExporterServicer(exporter_pb2_grpc.ExporterServiceServicer):
+    def __init__(self, exporter: Exporter, config: ExporterConfig) -> None:
+        self._exporter = exporter
+        self._config = config
+        self._limits = IntakeLimits(max_video_bytes=config.max_video_bytes, max_pose_frames=config.max_pose_frames,
+                                    max_tracks=config.max_tracks)
+
+    async def Export(self, request_iterator: AsyncIterator[exporter_pb2.ExportRequest],
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[exporter_pb2.ExportResponse]:
+        async with call_workspace(self._config.work_dir) as workdir:
+            try:
+                job, options = await read_export_request(request_iterator, workdir, self._limits)
+            except ServiceError:
+                await _drain(request_iterator)
+                raise
+            with bound_context(job=job.job, tracks=len(job.tracks)):
+                log.info("export started", formats=list(options.formats), preview=options.preview,
+                         in_place=options.in_place, foot_locking=options.foot_locking)
+                events: asyncio.Queue[tuple[str, float]] = asyncio.Queue()
+                task = asyncio.ensure_future(self._exporter.export(
+                    job, options, workdir, progress=lambda step, f: events.put_nowait((step, f)),
+                    time_left_s=context.time_remaining))
+                try:
+                    async for step, fraction in _progress_until_done(task, events):
+                        yield exporter_pb2.ExportResponse(progress=exporter_pb2.ExportProgress(step=step, fraction=fraction))
+                    outcome = task.result()
+                finally:
+                    if not task.done():  # cancelled or failed while streaming: stop the export first
+                        task.cancel()
+                        with contextlib.suppress(BaseException):
+                            await finish_uncancellable(asyncio.wait({task}))
+                for produced in outcome.files:
+                    async for message in _file_messages(produced):
+                        yield message
+                yield exporter_pb2.ExportResponse(progress=exporter_pb2.ExportProgress(step="done", fraction=1.0))
+                yield exporter_pb2.ExportResponse(result=_result(outcome))
+                log.info("export finished", files=len(outcome.files),
+                         blender_startup_s=round(outcome.blender_startup_seconds, 3),
+                         **{k: round(v, 3) for k, v in outcome.timings.items()})
+
+
+async def _drain(messages: AsyncIterator[exporter_pb2.ExportRequest]) -> None:
+    """Reads (and drops) the rest of a refused request, for at most DRAIN_S.
+
+    A grpc.aio client that is still writing when the server ends the call can report INTERNAL
+    "Internal error from Core" instead of the server's status (grpc/grpc#36066): letting it finish
+    its stream first gets the real error (INVALID_ARGUMENT with its field violation) to it."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(DRAIN_S):
+            async for _ in messages:
+                pass
+
+
+async def _progress_until_done(task: asyncio.Future[ExportOutcome],
+                               events: asyncio.Queue[tuple[str, float]]) -> AsyncIterator[tuple[str, float]]:
+    """Yields progress events while the export runs, then any left over."""
+    while not task.done():
+        getter = asyncio.ensure_future(events.get())
+        try:
+            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getter.done():
+                getter.cancel()
+        if getter.done() and not getter.cancelled():
+            yield getter.result()
+    while not events.empty():
+        yield events.get_nowait()
+
+
+async def _file_messages(produced: ProducedFile) -> AsyncIterator[exporter_pb2.ExportResponse]:
+    """The announcement, then the chunks; the announced sha256 is checked against what was sent."""
+    data_hash = hashlib.sha256()
+    size = produced.path.stat().st_size
+    with open(produced.path, "rb") as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            data_hash.update(chunk)
+    announced = data_hash.hexdigest()
+    yield exporter_pb2.ExportResponse(file=exporter_pb2.ExportedFile(
+        filename=produced.filename, kind=KINDS[produced.kind], track_id=produced.track_id,
+        size_bytes=size, sha256=announced, media_type=produced.media_type))
+    sent_hash, offset = hashlib.sha256(), 0
+    with open(produced.path, "rb") as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            sent_hash.update(chunk)
+            yield exporter_pb2.ExportResponse(chunk=exporter_pb2.FileChunk(offset=offset, data=chunk))
+            offset += len(chunk)
+    if offset != size or sent_hash.hexdigest() != announced:
+        raise Internal(f"{produced.filename} changed while it was being sent")
+    FILES_SENT.labels(produced.kind).inc()
+
+
+def _result(outcome: ExportOutcome) -> exporter_pb2.ExportResult:
+    return exporter_pb2.ExportResult(
+        quality=sorted(outcome.quality, key=lambda q: q.track_id),
+        blender_seconds=outcome.blender_seconds,
+        blender_startup_seconds=outcome.blender_startup_seconds,
+        solve=sorted(outcome.solve, key=lambda q: q.track_id),
+        animation_fps=outcome.fps,
+    )
