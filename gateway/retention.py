@@ -1,0 +1,132 @@
+"""Cleaning up: the startup sweep after a crash, and the periodic retention cleanup.
+
+Startup sweep (before the gateway serves):
+- jobs RUNNING when the last process died → FAILED (INTERRUPTED), intermediates removed;
+  QUEUED jobs stay queued (nothing of them had started) unless their input is gone;
+- ended jobs lose any intermediates a crash left behind;
+- interrupted uploads past their retention, or whose bytes are gone, are removed;
+- directories under jobs/ that belong to no job and no upload are removed.
+
+Periodic cleanup: ended jobs past their expire time and interrupted uploads past theirs are
+removed (the store first, then the files, so a crash in between leaves only an orphan directory,
+which the next sweep removes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.config import GatewayConfig
+from gateway.jobs import FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL_STATES, JobError, interrupted, now_us
+from gateway.layout import JobDir
+from gateway.store import JobStore
+from mocap_common.logs import get_logger
+
+log = get_logger(__name__)
+
+INPUT_LOST = JobError("INTERRUPTED", "the gateway lost the uploaded video while the job was queued; submit it again")
+
+
+@dataclass
+class SweepReport:
+    interrupted_jobs: int = 0
+    removed_uploads: int = 0
+    removed_orphans: int = 0
+    expired_jobs: int = 0
+
+
+class Retention:
+    """Startup sweep and periodic cleanup of jobs and uploads."""
+
+    def __init__(self, config: GatewayConfig, store: JobStore, upload_is_live: Callable[[str], bool]) -> None:
+        self._config = config
+        self._store = store
+        self._upload_is_live = upload_is_live
+        self._task: asyncio.Task[None] | None = None
+
+    def _dir(self, job_id: str) -> JobDir:
+        return JobDir(self._config.jobs_dir, job_id)
+
+    def startup_sweep(self) -> SweepReport:
+        """Repairs what a dead process left behind. Runs before the gateway serves."""
+        report = SweepReport()
+        self._config.jobs_dir.mkdir(parents=True, exist_ok=True)
+        for job in self._store.jobs_in_state(RUNNING):
+            self._dir(job.job_id).remove_intermediates()
+            if self._store.transition(job.job_id, FAILED, error=interrupted(job.stage)) is not None:
+                report.interrupted_jobs += 1
+        for job in self._store.jobs_in_state(QUEUED):
+            if not self._dir(job.job_id).input(job.input_name).exists():
+                self._store.transition(job.job_id, FAILED, error=INPUT_LOST)
+        for state in TERMINAL_STATES:
+            for job in self._store.jobs_in_state(state):
+                job_dir = self._dir(job.job_id)
+                if state == SUCCEEDED:
+                    job_dir.raw_tracks.unlink(missing_ok=True)
+                else:
+                    job_dir.remove_intermediates()
+        now = now_us()
+        for upload in self._store.uploads():
+            if upload.complete:
+                continue
+            expired = upload.expire_us <= now
+            lost = upload.committed_bytes > 0 and not self._dir(upload.upload_id).partial.exists()
+            if expired or lost:
+                self._remove_upload(upload.upload_id)
+                report.removed_uploads += 1
+        report.removed_orphans = self._remove_orphans()
+        report.expired_jobs = self.cleanup()
+        log.info("startup sweep", **report.__dict__)
+        return report
+
+    def _remove_orphans(self) -> int:
+        known = {u.upload_id for u in self._store.uploads() if not u.complete}
+        removed = 0
+        for entry in self._config.jobs_dir.iterdir():
+            if entry.name in known or self._store.get_job(entry.name) is not None:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def cleanup(self) -> int:
+        """Removes expired ended jobs and expired interrupted uploads; returns the jobs removed."""
+        now = now_us()
+        expired = self._store.expired_jobs(now)
+        for job in expired:
+            self._store.delete_job(job.job_id)
+            self._dir(job.job_id).remove()
+        for upload in self._store.uploads():
+            if not upload.complete and upload.expire_us <= now and not self._upload_is_live(upload.upload_id):
+                self._remove_upload(upload.upload_id)
+        if expired:
+            log.info("retention removed jobs", count=len(expired))
+        return len(expired)
+
+    def _remove_upload(self, upload_id: str) -> None:
+        self._store.delete_upload(upload_id)
+        self._dir(upload_id).remove()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="retention")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.retention_interval_s)
+            try:
+                self.cleanup()
+            except Exception:  # noqa: BLE001 - retention must keep running; the next round retries
+                log.exception("retention cleanup failed")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
