@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Before torch: the package sets OMP_WAIT_POLICY=PASSIVE, which only counts before torch loads.
+from tracker_svc.model_setup import ModelPaths, model_paths  # isort: skip
+
 import av
 import numpy as np
 import pytest
 import torch
-
-from tracker_svc.model_setup import ModelPaths, model_paths
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MEDIA_DIR = REPO_ROOT / ".." / "shared" / "media"

@@ -13,31 +13,32 @@ import numpy as np
 import pytest
 import torch
 from ai_edge_litert.interpreter import Interpreter
+from scipy.special import expit
 
 from tests.tracker.conftest import decode_frames
 from tracker_svc.detector import PoseDetector
 from tracker_svc.landmarks import LandmarkModel
 from tracker_svc.model_setup import ModelPaths
-from tracker_svc.roi import Rois
+from tracker_svc.roi import Rois, letterbox_roi
 from tracker_svc.tflite_torch import load_tflite
 
-# Tolerances: max absolute error over every element. Measured on these frames (torch 2.13 CPU,
-# oneDNN, vs LiteRT 2.3 XNNPACK): boxes 1.7e-3, score logits 8e-4, landmark x/y/z 1.5e-3 px,
-# vis/presence logits 1.3e-4, flag 4.5e-6, heatmap 2.5e-4, world 2.9e-5 m, segmentation 0.70
-# (see -s output). The limits leave ~3-7x room for other CPUs and kernels, not for bugs: a wrong
-# op, layout, padding or weight moves these outputs by whole units.
+# Tolerances: max absolute error over every element. Measured on these frames, worst of the two
+# layouts (torch 2.13 CPU vs LiteRT 2.3 XNNPACK): boxes 2.0e-3, score logits 8.9e-4, landmark
+# x/y/z 2.6e-3 px, vis/presence logits 1.2e-4, flag 3.2e-5, heatmap 3.4e-4, world 2.8e-5 m,
+# segmentation 0.44 (see -s output). The limits leave ~3-5x room for other CPUs and kernels, not
+# for bugs: a wrong op, layout, padding or weight moves these outputs by whole units.
 DETECTOR_BOX_TOL = 5e-3  # box/keypoint offsets, 224-px input units (values up to ~200)
 DETECTOR_LOGIT_TOL = 5e-3  # score logits (values up to ~±100)
 LANDMARK_XYZ_TOL = 0.01  # landmark x, y, z in 256-crop pixels
 LANDMARK_LOGIT_TOL = 1e-3  # visibility / presence logits
-POSE_FLAG_TOL = 2e-5  # presence probability (sigmoid inside the graph)
+POSE_FLAG_TOL = 1e-4  # presence probability (sigmoid inside the graph)
 HEATMAP_TOL = 2e-3  # heatmap logits
 WORLD_TOL = 2e-4  # world landmarks, metres
 # The segmentation head (unused by the tracker, pruned there) reaches logits of ~±1700 through a
-# chain of 256×256 layers with large weights, so fp32 summation-order differences grow to ~0.7
-# absolute (4e-4 relative). Each op alone matches LiteRT to 2e-5 relative when replayed in float64
-# on LiteRT's own intermediate tensors, so the port is exact; the limits are relative to the range,
-# plus the mask itself (sigmoid of the logits).
+# chain of 256×256 layers with large weights, so fp32 summation-order differences grow to ~0.3-0.7
+# absolute (4e-4 relative). Each op alone matches LiteRT to 2e-5 relative when replayed in
+# float64 on LiteRT's own intermediate tensors, so the port matches op by op; the limits are
+# relative to the range, plus the mask itself (sigmoid of the logits).
 SEGMENTATION_REL_TOL = 2e-3  # max abs error / max |logit|
 SEGMENTATION_MASK_TOL = 1e-2  # mask probability
 
@@ -69,7 +70,7 @@ def _compare(module_outputs: dict[str, torch.Tensor], reference: list[dict[str, 
 def frames(runner_path: Path, street_path: Path) -> list[torch.Tensor]:
     decoded = [*decode_frames(runner_path, set(FRAMES["runner"])).values(),
                *decode_frames(street_path, set(FRAMES["street"])).values()]
-    return [torch.from_numpy(f).permute(2, 0, 1)[None].float() for f in decoded]
+    return [torch.from_numpy(f) for f in decoded]
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +83,9 @@ def detector_inputs(models: ModelPaths, frames: list[torch.Tensor]) -> torch.Ten
 def landmark_inputs(models: ModelPaths, frames: list[torch.Tensor], detector_inputs: torch.Tensor) -> torch.Tensor:
     detector = PoseDetector(models.detector, torch.device("cpu"))
     landmarks = LandmarkModel(models.landmark, torch.device("cpu"))
-    sizes = [(f.shape[3], f.shape[2]) for f in frames]
+    views = Rois.concatenate([letterbox_roi(f.shape[1], f.shape[0]) for f in frames])
     with torch.inference_mode():
-        detections = detector.detect(detector_inputs, sizes)
+        detections = detector.detect(detector_inputs, views)
     crops = []
     for frame, found in zip(frames, detections):
         assert len(found), "every test frame shows at least one detectable person"
@@ -93,8 +94,13 @@ def landmark_inputs(models: ModelPaths, frames: list[torch.Tensor], detector_inp
     return torch.cat(crops)
 
 
-def test_detector_matches_litert(models: ModelPaths, detector_inputs: torch.Tensor) -> None:
-    module = load_tflite(models.detector, "cpu")
+# The CPU default (channels_last memory) and the NCHW layout CUDA runs.
+LAYOUTS = pytest.mark.parametrize("channels_last", [True, False], ids=["channels-last", "nchw"])
+
+
+@LAYOUTS
+def test_detector_matches_litert(models: ModelPaths, detector_inputs: torch.Tensor, channels_last: bool) -> None:
+    module = load_tflite(models.detector, "cpu", channels_last=channels_last)
     with torch.inference_mode():
         ours = dict(zip(module.output_names, module(detector_inputs)))
     reference = _litert(models.detector, detector_inputs.permute(0, 2, 3, 1).contiguous().numpy())
@@ -104,8 +110,9 @@ def test_detector_matches_litert(models: ModelPaths, detector_inputs: torch.Tens
     assert errors["Identity_1"] <= DETECTOR_LOGIT_TOL
 
 
-def test_landmark_model_matches_litert(models: ModelPaths, landmark_inputs: torch.Tensor) -> None:
-    module = load_tflite(models.landmark, "cpu")  # all five outputs, segmentation included
+@LAYOUTS
+def test_landmark_model_matches_litert(models: ModelPaths, landmark_inputs: torch.Tensor, channels_last: bool) -> None:
+    module = load_tflite(models.landmark, "cpu", channels_last=channels_last)  # all five outputs
     with torch.inference_mode():
         ours = dict(zip(module.output_names, module(landmark_inputs)))
     reference = _litert(models.landmark, landmark_inputs.permute(0, 2, 3, 1).contiguous().numpy())
@@ -126,7 +133,7 @@ def test_landmark_model_matches_litert(models: ModelPaths, landmark_inputs: torc
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
+    return expit(x.astype(np.float64))
 
 
 def test_pose_flag_is_already_a_probability(models: ModelPaths, landmark_inputs: torch.Tensor) -> None:
