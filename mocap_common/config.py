@@ -149,7 +149,7 @@ def _main() -> None:
 
     for module_name, class_name in (
         ("gateway.config", "GatewayConfig"),
-        ("tracker_svc.config", "TrackerConfig"),
+        ("tracker_svc.config", "TrackerServiceConfig"),
         ("smoother_svc.config", "SmootherConfig"),
         ("exporter_svc.config", "ExporterConfig"),
         ("resource_svc.config", "ResourceConfig"),

@@ -152,12 +152,14 @@ class PoseTracker:
         *,
         cancel: threading.Event | None = None,
         spool_dir: Path | str | None = None,
+        max_persons: int | None = None,
     ) -> Iterator[TrackerEvent]:
         """Tracks a video, yielding events as batches finish.
 
         source: a path, or a ByteFeed being filled by another thread (decoded as bytes arrive when
           the container allows, else spooled under `spool_dir`).
         cancel: when set, raises TrackingCancelled before the next model call or decoder wait.
+        max_persons: overrides the configured number of people followed at once, for this video.
         Raises VideoError, TrackingCancelled. Closing the generator early also stops the decoder,
         removes spool files and frees device memory.
         """
@@ -165,7 +167,10 @@ class PoseTracker:
             raise TrackerError("this PoseTracker is already tracking a video")
         decoder = _Decoder(source, self.config, spool_dir)
         try:
-            yield from self._run(decoder, cancel or threading.Event())
+            tracking = self.config.tracking
+            if max_persons is not None:
+                tracking = replace(tracking, max_persons=max_persons)
+            yield from self._run(decoder, cancel or threading.Event(), tracking)
         finally:
             decoder.stop()
             if self.device.type == "cuda":
@@ -184,12 +189,12 @@ class PoseTracker:
         assert video is not None
         return PoseTrackSet(video=video, tracks=[PoseTrack.concatenate(pieces[k]) for k in sorted(pieces)])
 
-    def _run(self, decoder: "_Decoder", cancel: threading.Event) -> Iterator[TrackerEvent]:
+    def _run(self, decoder: "_Decoder", cancel: threading.Event, tracking: TrackingConfig) -> Iterator[TrackerEvent]:
         started = time.perf_counter()
         info = decoder.next_item(cancel)
         assert isinstance(info, VideoInfo)
         yield VideoOpened(info)
-        manager = TrackManager(self.config.tracking)
+        manager = TrackManager(tracking)
         stats = TrackStats()
         tiles = self.config.detection_tiles
         if tiles is None:

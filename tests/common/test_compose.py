@@ -12,7 +12,7 @@ from tests.support import REPO
 
 SERVICE_CONFIGS = {
     "gateway": ("gateway.config", "GatewayConfig", 50051),
-    "tracker": ("tracker_svc.config", "TrackerConfig", 50052),
+    "tracker": ("tracker_svc.config", "TrackerServiceConfig", 50052),
     "smoother": ("smoother_svc.config", "SmootherConfig", 50053),
     "exporter": ("exporter_svc.config", "ExporterConfig", 50054),
     "resource": ("resource_svc.config", "ResourceConfig", 50055),
