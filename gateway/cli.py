@@ -517,7 +517,31 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--all", action="store_true", help="every file (the default)")
     download.add_argument("--out", required=True, help="file path (one file) or directory")
     download.set_defaults(run=cmd_download)
+
+    track = sub.add_parser("track", help="debug: track a local video with the tracker's pipeline (no services)")
+    track.add_argument("video")
+    track.add_argument("--out", required=True, help="output .npz with the pose tracks")
+    track.add_argument("--max-persons", type=int, default=None, help="people followed at once")
+    track.add_argument("--overlay", default=None, help="also write an MP4 with the skeletons drawn")
+    track.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    track.set_defaults(run=cmd_track)
     return parser
+
+
+def cmd_track(conn: "Connection", args: argparse.Namespace, console: Console) -> int:
+    """Runs the tracker pipeline in this process (the same function as `python -m tracker_svc track`)."""
+    from tracker_svc.cli import run_track  # torch is loaded only for this command
+    from tracker_svc.errors import TrackerError
+
+    if not Path(args.video).is_file():
+        raise CliError(f"no such file: {args.video}", EXIT_NOT_FOUND)
+    try:
+        summary = run_track(args.video, args.out, max_persons=args.max_persons, overlay=args.overlay,
+                            device=args.device)
+    except TrackerError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+    print("\n".join(summary.lines()))
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,3 +39,17 @@ def test_track_command_reports_missing_models(tmp_path: Path, street_path: Path)
     )
     assert result.returncode == 1
     assert "make setup" in result.stderr
+
+
+def test_mocap_track_runs_the_same_pipeline(models: ModelPaths, runner_path: Path, tmp_path: Path) -> None:
+    """`mocap track` (the user-facing CLI) tracks a local file without any service running."""
+    out = tmp_path / "runner.npz"
+    mocap = Path(sys.executable).parent / "mocap"
+    result = subprocess.run([str(mocap), "track", str(runner_path), "--out", str(out), "--max-persons", "1"],
+                            capture_output=True, text=True, cwd=REPO_ROOT, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    tracks = load_track_set(out)
+    assert len(tracks.tracks) == 1 and len(tracks.tracks[0]) >= 175
+    missing = subprocess.run([str(mocap), "track", str(tmp_path / "nope.mp4"), "--out", str(out)],
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert missing.returncode == 3 and "no such file" in missing.stderr
