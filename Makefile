@@ -12,12 +12,12 @@ GEN    := mocap/v1/.generated
 VIDEO  ?= ../shared/media/runner_1080p.mp4
 OUT    ?= out
 
-.PHONY: help setup venv protos models node lint lint-protos run demo test test-all bench clean
+.PHONY: help setup venv protos models checkpoint node lint lint-protos run demo test test-all bench clean
 
 help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-setup: $(STAMP) $(GEN) models node ## everything: venv + deps, generated code, model weights, node tools
+setup: $(STAMP) $(GEN) models checkpoint node ## everything: venv + deps, generated code, model weights, node tools
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ $(GEN): $(PROTOS) $(STAMP)
 
 models: $(STAMP) ## download mediapipe's wheel and extract the checksummed BlazePose .tflite files
 	$(PY) -m tracker_svc.model_setup
+
+checkpoint: $(STAMP) $(GEN) ## train the learned smoother's first checkpoint (seed 1; no-op when one exists)
+	$(PY) -m smoother_svc.first_checkpoint
 
 node: node_modules/.installed ## buf (proto lint) and the glTF validator
 

@@ -41,7 +41,7 @@ T = TypeVar("T")
 FORMAT_NAMES = {common_pb2.OUTPUT_FORMAT_BVH: "bvh", common_pb2.OUTPUT_FORMAT_FBX: "fbx",
                 common_pb2.OUTPUT_FORMAT_GLB: "glb"}
 MEDIA_TYPES = {"bvh": "text/plain", "fbx": "application/octet-stream", "glb": "model/gltf-binary",
-               "preview": "video/mp4", "quality_report": "application/json"}
+               "preview": "video/mp4"}
 ProgressFn = Callable[[str, float], None]
 
 
@@ -67,7 +67,7 @@ class ExportInput:
 class ProducedFile:
     path: Path
     filename: str
-    kind: str  # "bvh", "fbx", "glb", "preview", "quality_report"
+    kind: str  # "bvh", "fbx", "glb", "preview"
     track_id: int  # 0 = every person
     media_type: str
 
@@ -131,9 +131,6 @@ class Exporter:
         if preview_file is not None:
             files.append(preview_file)
         track_quality = [quality.track_quality(p.track, p.resampled, p.take) for p in people]
-        report = workdir / f"{options.name_stem}-quality.json"
-        report.write_bytes(quality.report_json(track_quality))
-        files.append(ProducedFile(report, report.name, "quality_report", 0, MEDIA_TYPES["quality_report"]))
         progress("send", 0.9)
         return ExportOutcome(
             files=files, quality=track_quality,

@@ -256,7 +256,6 @@ class _LegPlan:
 def lock_feet(skeleton: Skeleton, motion: Motion, contacts: Contacts, fps: float) -> tuple[Motion, LockReport]:
     """Pins contact points to their anchors with leg IK (see the module docstring)."""
     pose = forward_kinematics(skeleton, motion)
-    blend = max(1, int(round(BLEND_S * fps)))
     plans = [plan for s, side in enumerate(("Left", "Right"))
              if (plan := _plan_leg(skeleton, pose, contacts, side, fps)) is not None]
     drop = _hip_drop(skeleton, pose, plans, max(1, int(round(DROP_BLEND_S * fps))))

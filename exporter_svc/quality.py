@@ -19,7 +19,6 @@ gateway merges them from the smoother.
 from __future__ import annotations
 
 import numpy as np
-from google.protobuf import json_format
 
 from exporter_svc.solve import VISIBLE, SolvedTake, solve_errors
 from exporter_svc.timeline import ResampledTrack
@@ -67,10 +66,3 @@ def solve_quality(track_id: int, take: SolvedTake | None, note: str = "") -> exp
         floor_tilt_deg=take.ground.tilt_deg,
         note=note,
     )
-
-
-def report_json(tracks: list[common_pb2.TrackQuality]) -> bytes:
-    """The quality report file: a mocap.v1.QualityReport in proto JSON (smoothing figures and
-    smoothing_method left empty for the gateway to fill)."""
-    report = common_pb2.QualityReport(tracks=tracks)
-    return json_format.MessageToJson(report, indent=2, always_print_fields_with_no_presence=True).encode() + b"\n"

@@ -31,8 +31,7 @@ FILES_SENT = Counter("exporter_files_sent_total", "Files streamed back to caller
 CHUNK_BYTES = 1024 * 1024
 DRAIN_S = 10.0
 KINDS = {"bvh": common_pb2.ARTIFACT_KIND_BVH, "fbx": common_pb2.ARTIFACT_KIND_FBX,
-         "glb": common_pb2.ARTIFACT_KIND_GLB, "preview": common_pb2.ARTIFACT_KIND_PREVIEW,
-         "quality_report": common_pb2.ARTIFACT_KIND_QUALITY_REPORT}
+         "glb": common_pb2.ARTIFACT_KIND_GLB, "preview": common_pb2.ARTIFACT_KIND_PREVIEW}
 
 
 class ExporterServicer(exporter_pb2_grpc.ExporterServiceServicer):

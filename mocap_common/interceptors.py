@@ -11,7 +11,7 @@ import asyncio
 import inspect
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -29,7 +29,15 @@ _HEALTH_AND_REFLECTION = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
-    """Logs, measures and maps errors for every RPC of a service."""
+    """Logs, measures and maps errors for every RPC of a service.
+
+    `quiet_methods` (full names, "/pkg.Service/Method") are measured like the others but logged
+    only when they fail, like health checks: for high-rate calls (the lease broker's Acquire,
+    Release, KeepAlive) one log line per successful call would dominate the log and the CPU.
+    """
+
+    def __init__(self, quiet_methods: "Iterable[str]" = ()) -> None:
+        self._quiet_methods = frozenset(quiet_methods)
 
     async def intercept_service(
         self,
@@ -39,7 +47,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        quiet = details.method.startswith(_HEALTH_AND_REFLECTION)
+        quiet = details.method.startswith(_HEALTH_AND_REFLECTION) or details.method in self._quiet_methods
         call = _CallInfo(details, quiet)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
@@ -126,7 +134,8 @@ class _CallInfo:
             outcome.code = exc.code
             outcome.reason = exc.reason
             await context.abort_with_status(to_grpc_status(exc))
-        if isinstance(exc, asyncio.CancelledError):
+        if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            # GeneratorExit: the client went away from a server stream; nothing to send back.
             outcome.code = "CANCELLED"
             raise exc
         if isinstance(exc, AbortError):

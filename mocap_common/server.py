@@ -52,9 +52,13 @@ ShutdownCallback = Callable[[], Awaitable[Any] | Any]
 class ServiceHost:
     """A grpc.aio server with health, reflection, interceptors, metrics and graceful shutdown."""
 
-    def __init__(self, config: ServiceConfig, interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()) -> None:
+    def __init__(self, config: ServiceConfig, interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (),
+                 quiet_methods: tuple[str, ...] = ()) -> None:
+        """`quiet_methods`: full method names ("/mocap.v1.ResourceService/Acquire") logged only
+        when they fail (high-rate calls); they are still measured."""
         self.config = config
-        self.server = grpc.aio.server(interceptors=(ServerInterceptor(), *interceptors), options=SERVER_OPTIONS)
+        self.server = grpc.aio.server(interceptors=(ServerInterceptor(quiet_methods), *interceptors),
+                                      options=SERVER_OPTIONS)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []

@@ -79,12 +79,11 @@ async def test_export_streams_every_file_with_checksums_and_quality(exporter_fac
     track = cmu_track("cmu_131_01", step=4, frames=150)  # 5 s at 30 fps
     got = await export(service.address, requests(header(video_info(150), name_stem="walk_01"), [track]))
 
-    assert set(got.files) == {"walk_01-person-1.bvh", "walk_01.fbx", "walk_01.glb", "walk_01-quality.json"}
+    assert set(got.files) == {"walk_01-person-1.bvh", "walk_01.fbx", "walk_01.glb"}
     kinds = {name: (f.kind, f.track_id, f.media_type) for name, f in got.files.items()}
     assert kinds["walk_01-person-1.bvh"] == (common_pb2.ARTIFACT_KIND_BVH, 1, "text/plain")
     assert kinds["walk_01.fbx"] == (common_pb2.ARTIFACT_KIND_FBX, 0, "application/octet-stream")
     assert kinds["walk_01.glb"] == (common_pb2.ARTIFACT_KIND_GLB, 0, "model/gltf-binary")
-    assert kinds["walk_01-quality.json"] == (common_pb2.ARTIFACT_KIND_QUALITY_REPORT, 0, "application/json")
     for name, announced in got.files.items():
         data = got.data[name]
         assert announced.size_bytes == len(data) > 0
@@ -118,7 +117,7 @@ async def test_every_person_gets_an_armature_and_a_bvh(exporter_factory, tmp_pat
     got = await export(service.address, requests(header(video_info(110), name_stem="street",
                                                         formats=[common_pb2.OUTPUT_FORMAT_GLB, common_pb2.OUTPUT_FORMAT_BVH]),
                                                  [first, second]))
-    assert set(got.files) == {"street-person-1.bvh", "street-person-4.bvh", "street.glb", "street-quality.json"}
+    assert set(got.files) == {"street-person-1.bvh", "street-person-4.bvh", "street.glb"}
     assert [q.track_id for q in got.result.quality] == [1, 4]
     glb = tmp_path / "street.glb"
     glb.write_bytes(got.data["street.glb"])
