@@ -158,8 +158,8 @@ async def main_async(args: argparse.Namespace) -> int:
                 print(f"{result.spec.name} exited unexpectedly (status {result.proc.returncode}); "
                       f"stopping the mesh. Log tail:\n{_tail(result.log_path)}", file=sys.stderr)
                 status = 1
-            elif isinstance(result, int):
-                status = result
+            elif finished is not waiters[0]:  # the demo's exit status (waiters[0] is the stop signal)
+                status = int(result)
         finally:
             print("stopping services", flush=True)
             await finish_uncancellable(mesh.stop(args.grace))
