@@ -123,6 +123,11 @@ class PoseTracker:
         self.device = torch.device(device if device is not None else default_device())
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise TrackerError("device cuda requested but torch sees no CUDA device")
+        if self.device.type == "cuda":
+            # cuDNN's default TF32 convolutions keep ~10 mantissa bits: enough to move landmarks
+            # beyond the parity limits tested against LiteRT. True fp32 (process-wide setting).
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.config = config or TrackerConfig()
         if num_threads is not None:
             torch.set_num_threads(num_threads)
