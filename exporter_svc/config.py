@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from exporter_svc.workspace import default_work_dir
 from mocap_common.config import ServiceConfig, setting
 
 
@@ -18,7 +17,7 @@ class ExporterConfig(ServiceConfig):
     service_name: ClassVar[str] = "exporter"
 
     port: int = setting(50054, "gRPC port.")
-    work_dir: Path = setting(default_work_dir(), "Directory for per-call temporary directories (export-*); "
+    work_dir: Path = setting(Path("data/exporter/work"), "Directory for per-call temporary directories (export-*); "
                              "owned by this service: leftovers are removed at startup.")
     blender_timeout_s: float = setting(300.0, "Longest a Blender child may run (FBX + GLB of one call) before "
                                        "its process group is killed (BLENDER_TIMEOUT).")

@@ -47,7 +47,3 @@ def sweep_orphans(root: Path) -> int:
     if removed:
         log.warning("removed orphaned call workspaces", count=removed, root=str(root))
     return removed
-
-
-def default_work_dir() -> Path:
-    return Path(tempfile.gettempdir()) / "mocap-exporter"

@@ -73,3 +73,11 @@ async def test_rpc_log_line_is_json_with_request_id_job_and_latency(capsys):
     assert inside["request_id"] == "req-42" and inside["job"] == "jobs/j-1" and inside["service"] == "example"
     assert rpc["request_id"] == "req-42" and rpc["code"] == "OK" and rpc["latency_ms"] >= 0
     assert rpc["rpc"] == "/mocap.v1.SmootherService/ListCheckpoints"
+
+
+def test_configuration_reference_is_current():
+    from mocap_common.config import configuration_reference
+    from tests.support import REPO
+
+    assert (REPO / "docs" / "configuration.md").read_text() == configuration_reference(), \
+        "regenerate with: python -m mocap_common.config > docs/configuration.md"
