@@ -35,6 +35,7 @@ from exporter_svc.bvh_writer import write_bvh  # noqa: E402
 from exporter_svc.export import ExportInput, ExportOptions, Exporter  # noqa: E402
 from exporter_svc.solve import SolveOptions, TakeInput, solve_take  # noqa: E402
 from mocap_common.bvh import cmu_landmarks, hip_centred, read_bvh  # noqa: E402
+from mocap_common.logs import configure_logging  # noqa: E402
 from mocap_common.poses import PoseTrack, VideoInfo  # noqa: E402
 
 MOCAP = REPO.parent / "shared" / "mocap"
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--frames", type=int, default=1000)
     args = parser.parse_args(argv)
+    configure_logging("bench", "warning", "console")  # the table, not per-run log lines
     landmarks = _landmarks(args.frames)
     root = 0.5 * (landmarks[:, 23] + landmarks[:, 24])
     take_input = TakeInput(world=landmarks - root[:, None], visibility=np.ones(landmarks.shape[:2]), root=root)
