@@ -35,10 +35,10 @@ from mocap_common.procs import child_process
 
 log = get_logger(__name__)
 
-BLENDER_RUNS = Counter("exporter_blender_runs_total", "Blender child processes by how they ended "
+BLENDER_RUNS = Counter("mocap_exporter_blender_runs_total", "Blender child processes by how they ended "
                        "(ok, failed, timeout, cancelled).", ["outcome"])
-BLENDER_RUNNING = Gauge("exporter_blender_running", "Blender child processes running now.")
-BLENDER_SECONDS = Histogram("exporter_blender_seconds", "Wall time of Blender child processes that finished, seconds.",
+BLENDER_RUNNING = Gauge("mocap_exporter_blender_running", "Blender child processes running now.")
+BLENDER_SECONDS = Histogram("mocap_exporter_blender_seconds", "Wall time of Blender child processes that finished, seconds.",
                             buckets=(0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300, 600))
 
 CHILD_MODULE = "exporter_svc.blender_child"

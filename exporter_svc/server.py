@@ -26,7 +26,7 @@ from mocap_common.procs import finish_uncancellable
 
 log = get_logger(__name__)
 
-FILES_SENT = Counter("exporter_files_sent_total", "Files streamed back to callers, by kind.", ["kind"])
+FILES_SENT = Counter("mocap_exporter_files_sent_total", "Files streamed back to callers, by kind.", ["kind"])
 
 CHUNK_BYTES = 1024 * 1024
 DRAIN_S = 10.0

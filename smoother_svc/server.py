@@ -74,8 +74,8 @@ _METHODS = {
 }
 _SHUTDOWN_RETRY_S = 5.0
 
-FRAMES_SMOOTHED = Counter("smoother_frames_total", "Tracked frames smoothed, by method applied.", ["method"])
-FRAMES_FILLED = Counter("smoother_frames_filled_total", "Frames inserted by gap filling.")
+FRAMES_SMOOTHED = Counter("mocap_smoother_frames_total", "Tracked frames smoothed, by method applied.", ["method"])
+FRAMES_FILLED = Counter("mocap_smoother_frames_filled_total", "Frames inserted by gap filling.")
 
 
 class SmootherServicer(smoother_pb2_grpc.SmootherServiceServicer):

@@ -34,8 +34,8 @@ from smoother_svc.training import Progress, TrainedModel, TrainingConfig, Traini
 
 log = get_logger(__name__)
 
-TRAINING_RUNS = Counter("smoother_training_runs_total", "Training runs by outcome.", ["outcome"])
-TRAINING_ACTIVE = Gauge("smoother_training_active", "Training runs holding a lease now.")
+TRAINING_RUNS = Counter("mocap_smoother_training_runs_total", "Training runs by outcome.", ["outcome"])
+TRAINING_ACTIVE = Gauge("mocap_smoother_training_active", "Training runs holding a lease now.")
 
 
 @dataclass(frozen=True)

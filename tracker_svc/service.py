@@ -38,10 +38,10 @@ from tracker_svc.video import ByteFeed
 
 log = get_logger(__name__)
 
-CALLS = Counter("tracker_calls_total", "Track calls by outcome.", ["outcome"])
-ACTIVE = Gauge("tracker_calls_active", "Track calls holding a lease now.")
-FRAMES = Counter("tracker_frames_total", "Frames decoded and tracked.")
-FPS = Histogram("tracker_call_fps", "Frames per second of finished Track calls.",
+CALLS = Counter("mocap_tracker_calls_total", "Track calls by outcome.", ["outcome"])
+ACTIVE = Gauge("mocap_tracker_calls_active", "Track calls holding a lease now.")
+FRAMES = Counter("mocap_tracker_frames_total", "Frames decoded and tracked.")
+FPS = Histogram("mocap_tracker_call_fps", "Frames per second of finished Track calls.",
                 buckets=(1, 5, 10, 20, 30, 50, 75, 100, 200, 400, 800))
 
 _PROGRESS_INTERVAL_S = 0.25  # at most four progress events per second
