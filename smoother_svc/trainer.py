@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from prometheus_client import Counter, Gauge
 
+from mocap_common.background import EventRuns, run_stoppable_thread
 from mocap_common.lease_client import LeaseLost, lease
 from mocap_common.logs import get_logger
 from mocap_common.procs import finish_uncancellable
@@ -94,7 +95,8 @@ class Trainer:
         self.noise = noise
         self._data: TrainingData | None = None
         self._data_lock = threading.Lock()
-        self._sessions: set[asyncio.Task[None]] = set()
+        self._runs: EventRuns[TrainEvent] = EventRuns(
+            lambda: TrainingInterrupted("training was stopped: the smoother is shutting down"))
 
     async def run(self, config: TrainingConfig, *, device: str, job: str = "",
                   acquire_timeout_s: float | None = None) -> AsyncIterator[TrainEvent]:
@@ -104,35 +106,17 @@ class Trainer:
         TrainingFailed, CheckpointWriteFailed. Closing the iterator (the caller went away)
         cancels the run and releases the lease.
         """
-        events: asyncio.Queue[TrainEvent | BaseException | None] = asyncio.Queue()
         timeout = self.settings.acquire_timeout_s if acquire_timeout_s is None else min(acquire_timeout_s, self.settings.acquire_timeout_s)
-        session = asyncio.create_task(self._session(config, device, job, timeout, events), name="training session")
-        self._sessions.add(session)
-        session.add_done_callback(self._sessions.discard)
-        # A session cancelled from elsewhere (service shutdown) must still end this iterator.
-        session.add_done_callback(lambda t: events.put_nowait(
-            TrainingInterrupted("training was stopped: the smoother is shutting down") if t.cancelled() else None))
-        try:
-            while True:
-                item = await events.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            if not session.done():
-                session.cancel()
-            await finish_uncancellable(asyncio.gather(session, return_exceptions=True))
+        async for event in self._runs.stream(lambda emit: self._session(config, device, job, timeout, emit),
+                                             "training session"):
+            yield event
 
     async def close(self) -> None:
         """Cancels every run (service shutdown); each releases its lease."""
-        for session in list(self._sessions):
-            session.cancel()
-        await asyncio.gather(*self._sessions, return_exceptions=True)
+        await self._runs.close()
 
     async def _session(self, config: TrainingConfig, device: str, job: str, acquire_timeout_s: float,
-                       events: asyncio.Queue) -> None:
+                       emit: Callable[[TrainEvent], None]) -> None:
         outcome = "failed"
         try:
             async with lease(self.settings.resource_addr, kind="training", holder_service="smoother", job=job,
@@ -141,8 +125,8 @@ class Trainer:
                 TRAINING_ACTIVE.inc()
                 try:
                     log.info("training lease held", lease=held.name, device=held.device, config=config)
-                    events.put_nowait(LeaseGranted(held.name, held.device))
-                    trained = await self._train_in_thread(config, held.torch_device(), held.name, events)
+                    emit(LeaseGranted(held.name, held.device))
+                    trained = await self._train_in_thread(config, held.torch_device(), held.name, emit)
                     if not await held.validate():
                         raise LeaseLost(held.name, "ValidateLease says the fencing token is no longer current")
                     # Once writing starts it finishes: a checkpoint is published whole or not at all.
@@ -150,42 +134,32 @@ class Trainer:
                     await finish_uncancellable(publishing)
                     info = publishing.result()
                     await asyncio.to_thread(self.served.get)  # load it now, so the next Smooth does not wait
-                    events.put_nowait(CheckpointPublished(info, held.name))
+                    emit(CheckpointPublished(info, held.name))
                     outcome = "succeeded"
                 finally:
                     TRAINING_ACTIVE.dec()
-            events.put_nowait(None)
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
-        except LeaseLost as error:
+        except LeaseLost:
             outcome = "lease_lost"
-            events.put_nowait(error)
-        except BaseException as error:  # noqa: BLE001 - handed to the caller, who maps it
-            events.put_nowait(error)
+            raise
         finally:
             TRAINING_RUNS.labels(outcome).inc()
             log.info("training finished", outcome=outcome)
 
     async def _train_in_thread(self, config: TrainingConfig, device: str, lease_name: str,
-                               events: asyncio.Queue) -> TrainedModel:
+                               emit: Callable[[TrainEvent], None]) -> TrainedModel:
         loop = asyncio.get_running_loop()
-        stop = threading.Event()
 
         def report(progress: Progress) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, TrainProgressEvent(progress, lease_name))
+            loop.call_soon_threadsafe(emit, TrainProgressEvent(progress, lease_name))
 
-        def work() -> TrainedModel:
+        def work(stop: threading.Event) -> TrainedModel:
             return train(config, self._training_data(), device=device, on_progress=report, should_stop=stop.is_set)
 
-        future = loop.run_in_executor(None, work)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            # Cancelled (caller gone, lease lost, shutdown): stop the thread before the lease goes.
-            stop.set()
-            await asyncio.gather(future, return_exceptions=True)
-            raise
+        # Cancelled (caller gone, lease lost, shutdown): the thread stops before the lease goes.
+        return await run_stoppable_thread(work)
 
     def _training_data(self) -> TrainingData:
         with self._data_lock:

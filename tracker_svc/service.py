@@ -30,7 +30,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from mocap_common.lease_client import LeaseLost, lease
 from mocap_common.logs import get_logger
 from mocap_common.poses import VideoInfo
-from mocap_common.procs import finish_uncancellable
+from mocap_common.background import EventRuns, run_stoppable_thread
 from tracker_svc.errors import TrackingCancelled
 from tracker_svc.model_setup import ModelPaths
 from tracker_svc.pipeline import Finished, PoseTracker, Progress, TrackChunk, TrackerConfig, TrackerEvent, VideoOpened
@@ -94,7 +94,8 @@ class TrackingService:
         self._slots = asyncio.Semaphore(settings.max_concurrent_calls)
         self._idle: dict[str, list[PoseTracker]] = {}
         self._pool_lock = threading.Lock()
-        self._calls: set[asyncio.Task[None]] = set()
+        self._runs: EventRuns[TrackingEvent] = EventRuns(
+            lambda: TrackingCancelled("tracking stopped: the tracker is shutting down"))
 
     def load(self, device: str) -> None:
         """Loads (and keeps) a tracker for `device`: readiness means the models really load."""
@@ -107,34 +108,19 @@ class TrackingService:
         (NO_SLOT, broker unavailable) and whatever `chunks` raises. Closing the iterator early
         (the caller went away) stops the work and releases the lease.
         """
-        events: asyncio.Queue[TrackingEvent | BaseException | None] = asyncio.Queue()
-        call = asyncio.create_task(self._call(request, chunks, events), name=f"track {request.job}")
-        self._calls.add(call)
-        call.add_done_callback(self._calls.discard)
-        call.add_done_callback(lambda t: events.put_nowait(
-            TrackingCancelled("tracking stopped: the tracker is shutting down") if t.cancelled() else None))
-        try:
-            while (item := await events.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            if not call.done():
-                call.cancel()
-            await finish_uncancellable(asyncio.gather(call, return_exceptions=True))
+        async for event in self._runs.stream(lambda emit: self._call(request, chunks, emit), f"track {request.job}"):
+            yield event
 
     async def close(self) -> None:
         """Stops every call (service shutdown); each releases its lease."""
-        for call in list(self._calls):
-            call.cancel()
-        await asyncio.gather(*self._calls, return_exceptions=True)
+        await self._runs.close()
         with self._pool_lock:
             for trackers in self._idle.values():
                 for tracker in trackers:
                     tracker.close()
             self._idle.clear()
 
-    async def _call(self, request: TrackJob, chunks: AsyncIterator[bytes], events: asyncio.Queue) -> None:
+    async def _call(self, request: TrackJob, chunks: AsyncIterator[bytes], emit: Callable[[TrackingEvent], None]) -> None:
         outcome = "failed"
         try:
             async with self._slots:
@@ -146,56 +132,46 @@ class TrackingService:
                                  acquire_timeout_s=timeout) as held:
                     ACTIVE.inc()
                     try:
-                        events.put_nowait(LeaseHeld(held.name, held.torch_device()))
+                        emit(LeaseHeld(held.name, held.torch_device()))
                         log.info("inference lease held", lease=held.name, device=held.device)
-                        video, tracks, fps = await self._run_pipeline(request, chunks, held.torch_device(), events)
+                        video, tracks, fps = await self._run_pipeline(request, chunks, held.torch_device(), emit)
                         if not await held.validate():
                             raise LeaseLost(held.name, "ValidateLease says the fencing token is no longer current")
-                        events.put_nowait(Done(video, tracks, held.torch_device(), held.name, held.fencing_token, fps))
+                        emit(Done(video, tracks, held.torch_device(), held.name, held.fencing_token, fps))
                         outcome = "succeeded"
                     finally:
                         ACTIVE.dec()
-            events.put_nowait(None)
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
-        except LeaseLost as error:
+        except LeaseLost:
             outcome = "lease_lost"
-            events.put_nowait(error)
-        except BaseException as error:  # noqa: BLE001 - handed to the caller, who maps it
-            events.put_nowait(error)
+            raise
         finally:
             CALLS.labels(outcome).inc()
             log.info("track call finished", outcome=outcome)
 
     async def _run_pipeline(self, request: TrackJob, chunks: AsyncIterator[bytes], device: str,
-                            events: asyncio.Queue) -> tuple[VideoInfo, int, float]:
+                            emit: Callable[[TrackingEvent], None]) -> tuple[VideoInfo, int, float]:
         loop = asyncio.get_running_loop()
         feed = ByteFeed()
-        cancel = threading.Event()
         self.settings.spool_dir.mkdir(parents=True, exist_ok=True)
         feeder = asyncio.create_task(_feed_bytes(chunks, feed), name="track feeder")
 
         def publish(event: TrackingEvent) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            loop.call_soon_threadsafe(emit, event)
 
-        def work() -> tuple[VideoInfo, int, float]:
+        def work(stop: threading.Event) -> tuple[VideoInfo, int, float]:
             tracker = self._take_tracker(device)
             try:
-                return _drive(tracker.track(feed, cancel=cancel, spool_dir=self.settings.spool_dir,
+                return _drive(tracker.track(feed, cancel=stop, spool_dir=self.settings.spool_dir,
                                             max_persons=request.max_persons), request, publish)
             finally:
                 self._release_tracker(tracker)
 
-        worker = loop.run_in_executor(None, work)
         try:
-            return await asyncio.shield(worker)
-        except BaseException:
-            # Stop the thread before the lease goes: no inference may run outside the lease.
-            cancel.set()
-            feed.abort(TrackingCancelled("tracking cancelled"))
-            await asyncio.gather(worker, return_exceptions=True)
-            raise
+            # The thread stops before the lease goes: no inference runs outside the lease.
+            return await run_stoppable_thread(work, on_stop=lambda: feed.abort(TrackingCancelled("tracking cancelled")))
         finally:
             feeder.cancel()
             outcome = (await asyncio.gather(feeder, return_exceptions=True))[0]
