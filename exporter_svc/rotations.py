@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mocap_common.bvh import axis_rotations
+
 _EPS = 1e-9
 
 
@@ -144,20 +146,8 @@ def euler_zxy_from_matrix(r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def matrix_from_euler_zxy(angles_deg: np.ndarray) -> np.ndarray:
-    a, b, c = (np.radians(angles_deg[..., i]) for i in range(3))
-    return _rot("Z", a) @ _rot("X", b) @ _rot("Y", c)
-
-
-def _rot(axis: str, angle: np.ndarray) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    one, zero = np.ones_like(angle), np.zeros_like(angle)
-    if axis == "X":
-        rows = [[one, zero, zero], [zero, c, -s], [zero, s, c]]
-    elif axis == "Y":
-        rows = [[c, zero, s], [zero, one, zero], [-s, zero, c]]
-    else:
-        rows = [[c, -s, zero], [s, c, zero], [zero, zero, one]]
-    return np.stack([np.stack(row, axis=-1) for row in rows], axis=-2)
+    return (axis_rotations("Z", angles_deg[..., 0]) @ axis_rotations("X", angles_deg[..., 1])
+            @ axis_rotations("Y", angles_deg[..., 2]))
 
 
 def euler_zxy_continuous(r: np.ndarray) -> np.ndarray:
