@@ -9,6 +9,11 @@ before it answers: receiving, SHA-256, writing, fsync, probe, store. The referen
 user-space read/write copy is shown too, for scale. The stage services are absent; the jobs fail
 after the upload, which is not measured. Ratio = reference seconds / upload seconds.
 
+It also measures the transport's ceiling on the machine: the same client streaming the same
+chunks to a bare grpc.aio server whose CreateJob only counts the bytes (no hashing, no file, no
+probe). No gateway can be faster than that server; its ratio says how much of the goal the
+Python gRPC transport leaves on this machine.
+
     python -m bench.bench_upload          (or: make bench)
 
 Prints a table and writes bench/results/upload-<UTC>.json.
@@ -20,7 +25,9 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -83,6 +90,52 @@ def user_space_copy_seconds(src: Path, dst: Path, chunk: int = 1024 * 1024) -> f
     return elapsed
 
 
+# The transport's ceiling: a bare grpc.aio server (no interceptor, no hashing, no file, no probe)
+# whose CreateJob reads the stream and returns the byte count.
+_BARE_SERVER = """
+import asyncio, sys
+import grpc
+from mocap.v1 import common_pb2, gateway_pb2_grpc
+
+class Bare(gateway_pb2_grpc.GatewayServiceServicer):
+    async def CreateJob(self, request_iterator, context):
+        received = 0
+        async for message in request_iterator:
+            received += len(message.chunk.data)
+        return common_pb2.Job(size_bytes=received)
+
+async def main():
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(Bare(), server)
+    server.add_insecure_port("127.0.0.1:" + sys.argv[1])
+    await server.start()
+    await server.wait_for_termination()
+
+asyncio.run(main())
+"""
+
+
+def bare_transport_seconds(video: Path) -> dict[int, list[float]]:
+    """Upload times of `video` to the bare server, per chunk size (REPEATS each)."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", _BARE_SERVER, str(port)], cwd=REPO, start_new_session=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=(("grpc.max_send_message_length", 64 << 20),)) as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+            times: dict[int, list[float]] = {}
+            for chunk in CHUNK_SIZES:
+                times[chunk] = []
+                for _ in range(REPEATS):
+                    elapsed, job = upload_seconds(stub, video, chunk, 1)
+                    assert job.size_bytes == video.stat().st_size
+                    times[chunk].append(elapsed)
+            return times
+    finally:
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+
+
 def upload_seconds(stub: gateway_pb2_grpc.GatewayServiceStub, video: Path, chunk: int, persons: int) -> tuple[float, common_pb2.Job]:
     size = video.stat().st_size
 
@@ -112,6 +165,8 @@ def main() -> dict:
 
         copies = [copy_seconds(video, root / "copy.mp4") for _ in range(REPEATS)]
         user_copies = [user_space_copy_seconds(video, root / "copy.mp4") for _ in range(REPEATS)]
+
+        bare = bare_transport_seconds(video)
 
         absent = f"127.0.0.1:{free_port()}"
         gateway = ServiceProcess("gateway", [
@@ -148,6 +203,11 @@ def main() -> dict:
             ratio = copy_s / t
             rows.append({"chunk_bytes": chunk, "seconds": times, "median_s": t, "mb_per_s": mb / t, "ratio": ratio})
             print(f"{f'CreateJob, {chunk >> 20} MiB chunks':<34}{t:>9.3f}{mb / t:>9.0f}{ratio:>8.2f}")
+        ceiling = []
+        for chunk, times in bare.items():
+            t = statistics.median(times)
+            ceiling.append({"chunk_bytes": chunk, "seconds": times, "median_s": t, "mb_per_s": mb / t, "ratio": copy_s / t})
+            print(f"{f'bare gRPC server, {chunk >> 20} MiB chunks':<34}{t:>9.3f}{mb / t:>9.0f}{copy_s / t:>8.2f}")
         print(f"goal: ratio >= {GOAL_RATIO}")
         result = {
             "benchmark": "upload",
@@ -161,6 +221,7 @@ def main() -> dict:
             "user_space_copy_seconds": user_copies,
             "user_space_copy_median_s": user_s,
             "uploads": rows,
+            "bare_transport_ceiling": ceiling,
             "goal_ratio": GOAL_RATIO,
             "probe_counted": True,
         }
