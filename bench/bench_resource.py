@@ -35,7 +35,7 @@ import grpc
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.common import write_result
+from bench.common import bare_server, free_port, write_result
 from mocap.v1 import resource_pb2, resource_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,17 +44,11 @@ GOAL_P99_MS = 10.0
 CLIENTS_PER_CHANNEL = 16
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Broker:
     """The broker as a child process in its own process group."""
 
     def __init__(self, workdir: Path, log_level: str, extra: list[str]) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = workdir / "broker.log"
         argv = [sys.executable, "-m", "resource_svc", "--port", str(self.port), "--metrics-port", "0",
@@ -88,36 +82,13 @@ class Broker:
                 self.proc.wait()
 
 
-# The transport's own ceiling: a bare grpc.aio server (no interceptor, no broker, no SQLite) that
-# answers ValidateLease with a constant. Two such calls per cycle, from the same clients, show what
-# unary gRPC in Python costs on this machine before the broker does anything.
-_BARE_SERVER = """
-import asyncio, sys
-import grpc
-from mocap.v1 import resource_pb2, resource_pb2_grpc
-
-class Bare(resource_pb2_grpc.ResourceServiceServicer):
-    async def ValidateLease(self, request, context):
-        return resource_pb2.ValidateLeaseResponse(valid=True)
-
-async def main():
-    server = grpc.aio.server()
-    resource_pb2_grpc.add_ResourceServiceServicer_to_server(Bare(), server)
-    server.add_insecure_port("127.0.0.1:" + sys.argv[1])
-    await server.start()
-    await server.wait_for_termination()
-
-asyncio.run(main())
-"""
+# The transport's own ceiling: a bare grpc.aio server (bench.bare_server: no interceptor, no
+# broker, no SQLite) that answers ValidateLease with a constant. Two such calls per cycle, from the
+# same clients, show what unary gRPC in Python costs on this machine before the broker does anything.
 
 
 async def bare_grpc_ceiling(clients: int, seconds: float, warmup_s: float = 1.0) -> dict[str, Any]:
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-c", _BARE_SERVER, str(port)], cwd=REPO, start_new_session=True)
-    try:
-        address = f"127.0.0.1:{port}"
-        async with grpc.aio.insecure_channel(address) as channel:
-            await channel.channel_ready()
+    with bare_server("resource") as (address, server_pid):
         channels = [grpc.aio.insecure_channel(address) for _ in range(max(1, clients // CLIENTS_PER_CHANNEL))]
         stubs = [resource_pb2_grpc.ResourceServiceStub(c) for c in channels]
         request = resource_pb2.ValidateLeaseRequest(name="leases/bench", fencing_token=1)
@@ -126,7 +97,7 @@ async def bare_grpc_ceiling(clients: int, seconds: float, warmup_s: float = 1.0)
         stop_at = measure_from + seconds
         done = 0
         marks: dict[str, float] = {}
-        loop.call_at(measure_from, lambda: marks.update(server=_cpu_seconds(server.pid), client=_cpu_seconds()))
+        loop.call_at(measure_from, lambda: marks.update(server=_cpu_seconds(server_pid), client=_cpu_seconds()))
 
         async def client(index: int) -> None:
             nonlocal done
@@ -138,13 +109,10 @@ async def bare_grpc_ceiling(clients: int, seconds: float, warmup_s: float = 1.0)
                     done += 1
 
         await asyncio.gather(*(client(i) for i in range(clients)))
-        server_cpu = _cpu_seconds(server.pid) - marks["server"]
+        server_cpu = _cpu_seconds(server_pid) - marks["server"]
         client_cpu = _cpu_seconds() - marks["client"]
         for channel in channels:
             await channel.close()
-    finally:
-        server.kill()
-        server.wait()
     return {"clients": clients, "cycles_per_s": done / seconds,
             "server_cpu_us_per_cycle": server_cpu / max(1, done) * 1e6,
             "client_cpu_us_per_cycle": client_cpu / max(1, done) * 1e6}

@@ -25,9 +25,7 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +39,7 @@ if str(REPO) not in sys.path:  # run as a script
 import av  # noqa: E402
 import grpc  # noqa: E402
 
+from bench.common import bare_server  # noqa: E402
 from mocap.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc  # noqa: E402
 from tests.support import RUNNER_MP4, ServiceProcess, free_port  # noqa: E402
 
@@ -48,6 +47,7 @@ REPEATS = 3
 COPIES = 100  # ~208 MB
 CHUNK_SIZES = (1024 * 1024, 4 * 1024 * 1024)  # the CLI's chunk, and the protocol's largest
 GOAL_RATIO = 0.7
+_CHANNEL_OPTIONS = (("grpc.max_send_message_length", 64 << 20),)
 
 
 def build_video(path: Path, copies: int = COPIES) -> None:
@@ -90,50 +90,27 @@ def user_space_copy_seconds(src: Path, dst: Path, chunk: int = 1024 * 1024) -> f
     return elapsed
 
 
-# The transport's ceiling: a bare grpc.aio server (no interceptor, no hashing, no file, no probe)
-# whose CreateJob reads the stream and returns the byte count.
-_BARE_SERVER = """
-import asyncio, sys
-import grpc
-from mocap.v1 import common_pb2, gateway_pb2_grpc
-
-class Bare(gateway_pb2_grpc.GatewayServiceServicer):
-    async def CreateJob(self, request_iterator, context):
-        received = 0
-        async for message in request_iterator:
-            received += len(message.chunk.data)
-        return common_pb2.Job(size_bytes=received)
-
-async def main():
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
-    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(Bare(), server)
-    server.add_insecure_port("127.0.0.1:" + sys.argv[1])
-    await server.start()
-    await server.wait_for_termination()
-
-asyncio.run(main())
-"""
-
-
 def bare_transport_seconds(video: Path) -> dict[int, list[float]]:
-    """Upload times of `video` to the bare server, per chunk size (REPEATS each)."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-c", _BARE_SERVER, str(port)], cwd=REPO, start_new_session=True)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}", options=(("grpc.max_send_message_length", 64 << 20),)) as channel:
-            grpc.channel_ready_future(channel).result(timeout=30)
-            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
-            times: dict[int, list[float]] = {}
-            for chunk in CHUNK_SIZES:
-                times[chunk] = []
-                for _ in range(REPEATS):
-                    elapsed, job = upload_seconds(stub, video, chunk, 1)
-                    assert job.size_bytes == video.stat().st_size
-                    times[chunk].append(elapsed)
-            return times
-    finally:
-        server.send_signal(signal.SIGKILL)
-        server.wait()
+    """Upload times of `video` to the bare server (bench.bare_server), per chunk size."""
+    with bare_server("upload") as (address, _), grpc.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+        return _timed_uploads(gateway_pb2_grpc.GatewayServiceStub(channel), video, probed_frames=None)
+
+
+def _timed_uploads(stub: gateway_pb2_grpc.GatewayServiceStub, video: Path,
+                   probed_frames: int | None) -> dict[int, list[float]]:
+    """REPEATS uploads of `video` per chunk size, each checked (size; frame count if probed).
+    max_persons counts up so that no upload is a duplicate of an earlier one."""
+    times: dict[int, list[float]] = {}
+    persons = 0
+    for chunk in CHUNK_SIZES:
+        times[chunk] = []
+        for _ in range(REPEATS):
+            persons += 1
+            elapsed, job = upload_seconds(stub, video, chunk, persons)
+            assert job.size_bytes == video.stat().st_size
+            assert probed_frames is None or job.video.frame_count == probed_frames
+            times[chunk].append(elapsed)
+    return times
 
 
 def upload_seconds(stub: gateway_pb2_grpc.GatewayServiceStub, video: Path, chunk: int, persons: int) -> tuple[float, common_pb2.Job]:
@@ -153,6 +130,16 @@ def upload_seconds(stub: gateway_pb2_grpc.GatewayServiceStub, video: Path, chunk
     started = time.perf_counter()
     job = stub.CreateJob(requests(), timeout=600)
     return time.perf_counter() - started, job
+
+
+def _rows(times_by_chunk: dict[int, list[float]], copy_s: float, mb: float, label: str) -> list[dict]:
+    """Prints one table row per chunk size and returns them for the JSON."""
+    rows = []
+    for chunk, times in times_by_chunk.items():
+        t = statistics.median(times)
+        rows.append({"chunk_bytes": chunk, "seconds": times, "median_s": t, "mb_per_s": mb / t, "ratio": copy_s / t})
+        print(f"{f'{label}, {chunk >> 20} MiB chunks':<34}{t:>9.3f}{mb / t:>9.0f}{copy_s / t:>8.2f}")
+    return rows
 
 
 def main() -> dict:
@@ -175,39 +162,22 @@ def main() -> dict:
             "--tracker-addr", absent, "--smoother-addr", absent, "--exporter-addr", absent,
         ], log_path=root / "gateway.log")
         gateway.start()
-        uploads: dict[int, list[float]] = {}
         try:
-            with grpc.insecure_channel(gateway.address, options=(("grpc.max_send_message_length", 64 << 20),)) as channel:
-                stub = gateway_pb2_grpc.GatewayServiceStub(channel)
-                persons = 0
-                for chunk in CHUNK_SIZES:
-                    uploads[chunk] = []
-                    for _ in range(REPEATS):
-                        persons += 1
-                        elapsed, job = upload_seconds(stub, video, chunk, persons)
-                        assert job.size_bytes == size and job.video.frame_count == 18_000 * COPIES // 100
-                        uploads[chunk].append(elapsed)
+            with grpc.insecure_channel(gateway.address, options=_CHANNEL_OPTIONS) as channel:
+                uploads = _timed_uploads(gateway_pb2_grpc.GatewayServiceStub(channel), video,
+                                         probed_frames=18_000 * COPIES // 100)
         finally:
             gateway.stop()
 
         copy_s = statistics.median(copies)
-        rows = []
         mb = size / 1e6
         print(f"\nupload throughput, {mb:.0f} MB video (probe counted), median of {REPEATS}")
         print(f"{'method':<34}{'seconds':>9}{'MB/s':>9}{'ratio':>8}")
         print(f"{'copyfile + fsync (reference)':<34}{copy_s:>9.3f}{mb / copy_s:>9.0f}{1.0:>8.2f}")
         user_s = statistics.median(user_copies)
         print(f"{'read/write 1 MiB + fsync':<34}{user_s:>9.3f}{mb / user_s:>9.0f}{copy_s / user_s:>8.2f}")
-        for chunk, times in uploads.items():
-            t = statistics.median(times)
-            ratio = copy_s / t
-            rows.append({"chunk_bytes": chunk, "seconds": times, "median_s": t, "mb_per_s": mb / t, "ratio": ratio})
-            print(f"{f'CreateJob, {chunk >> 20} MiB chunks':<34}{t:>9.3f}{mb / t:>9.0f}{ratio:>8.2f}")
-        ceiling = []
-        for chunk, times in bare.items():
-            t = statistics.median(times)
-            ceiling.append({"chunk_bytes": chunk, "seconds": times, "median_s": t, "mb_per_s": mb / t, "ratio": copy_s / t})
-            print(f"{f'bare gRPC server, {chunk >> 20} MiB chunks':<34}{t:>9.3f}{mb / t:>9.0f}{copy_s / t:>8.2f}")
+        rows = _rows(uploads, copy_s, mb, "CreateJob")
+        ceiling = _rows(bare, copy_s, mb, "bare gRPC server")
         print(f"goal: ratio >= {GOAL_RATIO}")
         result = {
             "benchmark": "upload",

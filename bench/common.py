@@ -1,15 +1,47 @@
-"""What every benchmark shares: machine facts and the JSON result file."""
+"""What every benchmark shares: machine facts, the JSON result file, and the bare gRPC server
+that measures the transport's ceiling."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import platform
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def bare_server(name: str) -> Iterator[tuple[str, int]]:
+    """Runs `python -m bench.bare_server NAME` in its own process group until the block ends;
+    yields its address and pid once it accepts connections."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "bench.bare_server", name, str(port)], cwd=REPO,
+                              start_new_session=True)
+    try:
+        address = f"127.0.0.1:{port}"
+        with grpc.insecure_channel(address) as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+        yield address, server.pid
+    finally:
+        server.kill()
+        server.wait()
 
 
 def machine() -> dict[str, Any]:
