@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/mocap/v1/*.proto)
 GEN    := mocap/v1/.generated
-VIDEO  ?= ../shared/media/runner_1080p.mp4
+VIDEO  ?= mocap_common/demo/runner_1080p.mp4
 OUT    ?= out
 
 .PHONY: help setup venv protos models checkpoint node lint lint-protos run demo test test-all bench clean

@@ -3,7 +3,7 @@ Blender's start-up (spawning the child and `import bpy`) in it.
 
     python -m bench.bench_exporter [--repeats 3] [--frames 1000]
 
-The take is CMU subject 131 (../shared/mocap/cmu_131_02.bvh, 120 fps) mapped to BlazePose
+The take is CMU subject 131 (shipped in smoother_svc/training_motion/, 120 fps) mapped to BlazePose
 landmarks. Each step runs `repeats` times; the table shows medians. Reference: the notes measured
 ~2.5 s for bpy to import a 1 000-frame BVH and write FBX and GLB on this 2-core machine.
 Results: bench/results/exporter-<UTC>.json.
@@ -34,17 +34,17 @@ from exporter_svc.blender_job import BlenderPerson, run_blender, write_spec  # n
 from exporter_svc.bvh_writer import write_bvh  # noqa: E402
 from exporter_svc.export import ExportInput, ExportOptions, Exporter  # noqa: E402
 from exporter_svc.solve import SolveOptions, TakeInput, solve_take  # noqa: E402
-from mocap_common.bvh import cmu_landmarks, hip_centred, read_bvh  # noqa: E402
+from mocap_common.bvh import cmu_landmarks, find_bvh, hip_centred, read_bvh  # noqa: E402
 from mocap_common.logs import configure_logging  # noqa: E402
 from mocap_common.poses import PoseTrack, VideoInfo  # noqa: E402
 
-MOCAP = REPO.parent / "shared" / "mocap"
+MOCAP = REPO / "smoother_svc" / "training_motion"  # shipped, xz-compressed
 REFERENCE_BPY_S = 2.5  # notes: bpy import BVH + FBX + GLB export of a 1 000-frame clip
 FPS = 120.0
 
 
 def _landmarks(frames: int) -> np.ndarray:
-    landmarks = cmu_landmarks(read_bvh(MOCAP / "cmu_131_02.bvh"))
+    landmarks = cmu_landmarks(read_bvh(find_bvh(MOCAP, "cmu_131_02")))
     reps = -(-frames // len(landmarks))
     return np.concatenate([landmarks] * reps)[:frames]
 

@@ -41,7 +41,7 @@ from smoother_svc.smoothnet import LearnedSmoother, SmoothNet
 from smoother_svc.training import TrainingConfig, TrainingData, train
 
 REPO = Path(__file__).resolve().parent.parent
-MOCAP = REPO.parent / "shared" / "mocap"
+MOCAP = REPO / "smoother_svc" / "training_motion"  # shipped, xz-compressed
 RESULTS = REPO / "bench" / "results"
 SEEDS = {name: 101 + i for i, name in enumerate(ALL_CLIPS)}
 GOAL_ACCEL_CUT = 0.70

@@ -16,7 +16,7 @@ Reading order (each module's docstring says what it does and why):
     bvh_writer.py    native BVH writer
     blender_job.py   parent side of the Blender child: spec, process group, timeout, results
     blender_child.py child side: `import bpy`, armatures + actions, FBX / GLB export
-    preview.py       preview MP4 via the tracker's overlay renderer
+    preview.py       preview MP4 via the shared overlay renderer (mocap_common.overlay)
     quality.py       TrackQuality / SolveQuality figures and the JSON quality report
     workspace.py     per-call temporary directories, removed on every path
 Domain modules import no grpc; errors are mocap_common.errors.ServiceError subclasses.

@@ -27,12 +27,15 @@ async def main() -> None:
     host.add_servicer(exporter_pb2_grpc.add_ExporterServiceServicer_to_server, servicer, exporter_pb2, "ExporterService")
     await host.start()
     config.work_dir.mkdir(parents=True, exist_ok=True)
+    # Synchronous on purpose, although killing a leftover Blender waits for it: with the event
+    # loop blocked no call can create its directory while the sweep is deleting directories.
     sweep_orphans(config.work_dir)
     if not config.blender_python and importlib.util.find_spec("bpy") is None:
         # BVH still works; FBX/GLB calls fail with BLENDER_FAILED. Serve anyway, loudly.
         log.error("bpy is not installed: FBX and GLB exports will fail (pip install '.[exporter]')")
-    # The preview renderer pulls in PyAV and the tracker package (which imports torch, ~1.5 s):
-    # pay that once here, before reporting SERVING, not in the first call that asks for a preview.
+    # The preview renderer pulls in PyAV and the shared overlay renderer: pay that import once
+    # here, before reporting SERVING, not in the first call that asks for a preview. It also
+    # proves at start that the exporter's own extra is enough (services never import each other).
     import exporter_svc.preview  # noqa: F401, PLC0415
     await host.set_serving()
     await host.wait_for_termination()

@@ -3,9 +3,12 @@ child process, read back its files and timings.
 
 The child runs in its own process group (`mocap_common.procs.child_process`): on timeout, on
 cancellation of the calling task and on any error, the whole group — Blender and anything it
-spawned — gets SIGTERM, then SIGKILL, and is reaped before this module returns or raises. The
-spec directory belongs to the caller (the per-call temporary directory), which removes it after
-the child is gone.
+spawned — gets SIGTERM, then SIGKILL, and is reaped before this module returns or raises. If the
+exporter itself dies (kill -9), the group is killed with it, so no Blender runs on unsupervised
+past its timeout; and the child is recorded in `SPEC_DIR/child-process.json`, which the next
+exporter's startup sweep (`workspace.sweep_orphans`) uses to kill anything that is still left
+before it removes the directory. The spec directory belongs to the caller (the per-call temporary
+directory), which removes it after the child is gone.
 
 Spec (`SPEC_DIR/spec.json`, version 1): fps, scene frame range, output file names (relative to
 SPEC_DIR) and per person: armature name, joint names, parent indices, rest offsets and bone tails
@@ -31,7 +34,7 @@ from exporter_svc.rotations import quat_continuous, quat_from_matrix
 from exporter_svc.skeleton import Motion, Skeleton
 from mocap_common.errors import DeadlineExceeded, Internal
 from mocap_common.logs import get_logger
-from mocap_common.procs import child_process
+from mocap_common.procs import RECORD_NAME, child_process
 
 log = get_logger(__name__)
 
@@ -119,8 +122,8 @@ async def run_blender(spec_dir: Path, outputs: dict[str, str], *, python: str, t
     started = time.perf_counter()
     with open(spec_dir / LOG_FILE, "wb") as log_file:
         try:
-            async with child_process([python, "-m", CHILD_MODULE, str(spec_dir)], env=child_env,
-                                     cwd=spec_dir, stdout=log_file, stderr=log_file) as proc:
+            async with child_process([python, "-m", CHILD_MODULE, str(spec_dir)], env=child_env, cwd=spec_dir,
+                                     stdout=log_file, stderr=log_file, record=spec_dir / RECORD_NAME) as proc:
                 BLENDER_RUNNING.inc()
                 try:
                     log.info("blender started", pid=proc.pid, timeout_s=timeout_s)

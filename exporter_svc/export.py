@@ -202,8 +202,27 @@ async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
         stop.set()
-        await finish_uncancellable(asyncio.wait({future}))
+        try:
+            await finish_uncancellable(asyncio.wait({future}))
+        finally:
+            _settle_abandoned(future, fn)
         raise
+
+
+def _settle_abandoned(future: asyncio.Future[Any], fn: Callable[..., Any]) -> None:
+    """Reads the outcome of a worker whose caller was cancelled, so it is not reported as an
+    error. When the awaiting task is cancelled, asyncio.shield drops its link to the inner future,
+    so nothing else ever reads it; an exception left unread is logged at ERROR level ("Future
+    exception was never retrieved") when the future is collected — and a stopped worker always
+    ends with one: `Cancelled` from `check_stop`, the expected ending."""
+    if future.cancelled():
+        return
+    error = future.exception()  # marks it retrieved
+    step = getattr(fn, "__name__", repr(fn))
+    if error is None or isinstance(error, Cancelled):
+        log.info("worker stopped: its call was cancelled", step=step)
+    else:  # it failed on its own meanwhile; the call is cancelled anyway, so this is no error of it
+        log.warning("worker failed after its call was cancelled", step=step, error=repr(error))
 
 
 def check_stop(stop: threading.Event) -> None:

@@ -2,7 +2,9 @@
 progress, files (announcement + ≤ 1 MiB chunks, sha256 over the bytes sent) and the result.
 
 Everything the call writes lives in its own directory (`workspace.call_workspace`), removed when
-the call ends however it ends; errors are `ServiceError`s mapped by the shared interceptor.
+the call ends however it ends; errors are `ServiceError`s mapped by the shared interceptor. The
+request stream is drained before the call ends (`mocap_common.streams.draining`, after the
+directory is gone), so a refused client gets its INVALID_ARGUMENT rather than INTERNAL.
 """
 
 from __future__ import annotations
@@ -20,16 +22,16 @@ from exporter_svc.export import ExportOutcome, Exporter, ProducedFile
 from exporter_svc.intake import IntakeLimits, read_export_request
 from exporter_svc.workspace import call_workspace
 from mocap.v1 import common_pb2, exporter_pb2, exporter_pb2_grpc
-from mocap_common.errors import Internal, ServiceError
+from mocap_common.errors import Internal
 from mocap_common.logs import bound_context, get_logger
 from mocap_common.procs import finish_uncancellable
+from mocap_common.streams import draining
 
 log = get_logger(__name__)
 
 FILES_SENT = Counter("mocap_exporter_files_sent_total", "Files streamed back to callers, by kind.", ["kind"])
 
 CHUNK_BYTES = 1024 * 1024
-DRAIN_S = 10.0
 KINDS = {"bvh": common_pb2.ARTIFACT_KIND_BVH, "fbx": common_pb2.ARTIFACT_KIND_FBX,
          "glb": common_pb2.ARTIFACT_KIND_GLB, "preview": common_pb2.ARTIFACT_KIND_PREVIEW}
 
@@ -43,12 +45,9 @@ class ExporterServicer(exporter_pb2_grpc.ExporterServiceServicer):
 
     async def Export(self, request_iterator: AsyncIterator[exporter_pb2.ExportRequest],
                      context: grpc.aio.ServicerContext) -> AsyncIterator[exporter_pb2.ExportResponse]:
-        async with call_workspace(self._config.work_dir) as workdir:
-            try:
-                job, options = await read_export_request(request_iterator, workdir, self._limits)
-            except ServiceError:
-                await _drain(request_iterator)
-                raise
+        # The workspace closes first: a drained refusal leaves no directory behind while it drains.
+        async with draining(request_iterator) as requests, call_workspace(self._config.work_dir) as workdir:
+            job, options = await read_export_request(requests, workdir, self._limits)
             with bound_context(job=job.job, tracks=len(job.tracks)):
                 log.info("export started", formats=list(options.formats), preview=options.preview,
                          in_place=options.in_place, foot_locking=options.foot_locking)
@@ -73,18 +72,6 @@ class ExporterServicer(exporter_pb2_grpc.ExporterServiceServicer):
                 log.info("export finished", files=len(outcome.files),
                          blender_startup_s=round(outcome.blender_startup_seconds, 3),
                          **{k: round(v, 3) for k, v in outcome.timings.items()})
-
-
-async def _drain(messages: AsyncIterator[exporter_pb2.ExportRequest]) -> None:
-    """Reads (and drops) the rest of a refused request, for at most DRAIN_S.
-
-    A grpc.aio client that is still writing when the server ends the call can report INTERNAL
-    "Internal error from Core" instead of the server's status (grpc/grpc#36066): letting it finish
-    its stream first gets the real error (INVALID_ARGUMENT with its field violation) to it."""
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(DRAIN_S):
-            async for _ in messages:
-                pass
 
 
 async def _progress_until_done(task: asyncio.Future[ExportOutcome],

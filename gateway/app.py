@@ -23,7 +23,7 @@ from gateway.service import JobService
 from gateway.stages import GrpcStages
 from gateway.store import SqliteJobStore
 from gateway.tenancy import Tenancy
-from gateway.uploads import Uploads
+from gateway.uploads import TRANSPORT_RECEIVE_LIMIT_BYTES, Uploads
 from mocap.v1 import gateway_pb2, gateway_pb2_grpc
 from mocap_common.logs import get_logger
 from mocap_common.server import ServiceHost
@@ -38,6 +38,9 @@ def stage_policy(config: GatewayConfig) -> StagePolicy:
         job_timeout_s=config.job_timeout_s,
         attempts=max(1, config.stage_attempts),
         backoff_s=config.stage_retry_backoff_s,
+        backoff_max_s=max(config.stage_retry_backoff_s, config.stage_retry_backoff_max_s),
+        retry_budget_s={TRACK: config.track_retry_budget_s, SMOOTH: config.smooth_retry_budget_s,
+                        EXPORT: config.export_retry_budget_s},
         addresses={TRACK: config.tracker_addr, SMOOTH: config.smoother_addr, EXPORT: config.exporter_addr},
     )
 
@@ -59,7 +62,9 @@ class Gateway:
         tenancy = Tenancy.from_file(config.tokens_file)
         hub = EventHub()
         store = SqliteJobStore(config.db_path, job_retention_s=config.job_retention_s, on_event=hub.notify)
-        host = ServiceHost(config)
+        # Above the documented chunk limit, so an oversized chunk reaches CreateJob and is refused
+        # with CHUNK_TOO_LARGE instead of gRPC's bare RESOURCE_EXHAUSTED (gateway.uploads).
+        host = ServiceHost(config, max_receive_message_bytes=TRANSPORT_RECEIVE_LIMIT_BYTES)
         host.on_shutdown(store.close, "job-store")
         try:
             stages = GrpcStages(config)

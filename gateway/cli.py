@@ -5,6 +5,8 @@
     mocap watch JOB          mocap get JOB [--json]      mocap list [--state S] [--json]
     mocap cancel JOB         mocap delete JOB
     mocap download JOB [--format F | --artifact NAME | --all] --out PATH
+    mocap track VIDEO --out FILE.npz [--overlay OUT.mp4]   the tracker alone, no services
+                                                           (needs the tracker extra: pip install ".[tracker]")
 
 The gateway address comes from --addr or $MOCAP_GATEWAY_ADDR (default 127.0.0.1:50051), the
 bearer token from --token or $MOCAP_TOKEN. JOB is "jobs/j-…" or just "j-…".
@@ -17,10 +19,12 @@ Exit codes (stable, for scripts):
     0  success (for submit --wait and watch: the job SUCCEEDED)
     1  the job FAILED
     2  usage error or invalid input (bad arguments, INVALID_ARGUMENT, FAILED_PRECONDITION,
-       ALREADY_EXISTS, OUT_OF_RANGE, a job not in the state the command needs)
+       ALREADY_EXISTS, OUT_OF_RANGE, a job not in the state the command needs, a message larger
+       than gRPC accepts: RESOURCE_EXHAUSTED with neither ErrorInfo nor RetryInfo)
     3  not found (NOT_FOUND: no such job or artifact for this tenant, or no such local file)
-    4  the gateway is unavailable or busy (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
-       ABORTED, a connection failure): try again later
+    4  the gateway is unavailable or busy (UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED, a connection
+       failure, RESOURCE_EXHAUSTED with a reason or RetryInfo such as TOO_MANY_ACTIVE_JOBS): try
+       again later
     5  the job was CANCELLED
     6  authentication failed (UNAUTHENTICATED, PERMISSION_DENIED)
     7  internal error, or a download failed its checksum
@@ -31,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import os
+import subprocess
 import sys
 import time
 import uuid
@@ -46,7 +52,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColum
 from rich.table import Table
 
 from mocap.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from mocap_common.rpc_errors import describe_rpc_error
+from mocap_common.rpc_errors import RpcErrorDetails, describe_rpc_error
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_CANCELLED, EXIT_AUTH, EXIT_INTERNAL = range(8)
 EXIT_INTERRUPTED = 130
@@ -88,6 +94,10 @@ ARTIFACT_KINDS = {"bvh": common_pb2.ARTIFACT_KIND_BVH, "fbx": common_pb2.ARTIFAC
                   "tracks": common_pb2.ARTIFACT_KIND_POSE_TRACKS}
 STAGE_LABEL = {common_pb2.JOB_STAGE_TRACK: "track", common_pb2.JOB_STAGE_SMOOTH: "smooth", common_pb2.JOB_STAGE_EXPORT: "export"}
 TERMINAL = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED}
+# What `mocap track` needs importable: the top-level modules of the tracker extra in
+# pyproject.toml (tests/common/test_service_installs.py keeps the two equal).
+TRACKER_IMPORTS = ("torch", "av", "tflite", "flatbuffers", "scipy")
+TRACKER_INSTALL_HINT = 'pip install ".[tracker]"'
 
 
 class CliError(Exception):
@@ -117,6 +127,13 @@ class Connection:
 
     def get_job(self, name: str) -> common_pb2.Job:
         return self.stub.GetJob(gateway_pb2.GetJobRequest(name=name), metadata=self.metadata, timeout=UNARY_TIMEOUT_S)
+
+
+def is_message_too_large(details: RpcErrorDetails) -> bool:
+    """RESOURCE_EXHAUSTED made by gRPC itself (a message over a size limit, ours or the server's):
+    it has no ErrorInfo and no RetryInfo, unlike the gateway's "busy" answers
+    (TOO_MANY_ACTIVE_JOBS, INSUFFICIENT_STORAGE), and retrying the same message cannot help."""
+    return details.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not details.reason and details.retry_after_s is None
 
 
 def job_name(text: str) -> str:
@@ -518,7 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--out", required=True, help="file path (one file) or directory")
     download.set_defaults(run=cmd_download)
 
-    track = sub.add_parser("track", help="debug: track a local video with the tracker's pipeline (no services)")
+    track = sub.add_parser("track", help="debug: track a local video with the tracker's pipeline (no services; "
+                                         "needs the tracker extra)")
     track.add_argument("video")
     track.add_argument("--out", required=True, help="output .npz with the pose tracks")
     track.add_argument("--max-persons", type=int, default=None, help="people followed at once")
@@ -529,19 +547,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_track(conn: "Connection", args: argparse.Namespace, console: Console) -> int:
-    """Runs the tracker pipeline in this process (the same function as `python -m tracker_svc track`)."""
-    from tracker_svc.cli import run_track  # torch is loaded only for this command
-    from tracker_svc.errors import TrackerError
-
+    """Runs the tracker's own debug command, `python -m tracker_svc track`, as a child process of
+    this interpreter and exits with its status. A child rather than an import: the gateway never
+    imports another service (a gateway-only install has no torch), so the tracker must come with
+    its own extra in this environment, which is checked first for a clear message."""
     if not Path(args.video).is_file():
         raise CliError(f"no such file: {args.video}", EXIT_NOT_FOUND)
-    try:
-        summary = run_track(args.video, args.out, max_persons=args.max_persons, overlay=args.overlay,
-                            device=args.device)
-    except TrackerError as exc:
-        raise CliError(str(exc), EXIT_USAGE) from exc
-    print("\n".join(summary.lines()))
-    return EXIT_OK
+    missing = missing_modules(TRACKER_IMPORTS)
+    if missing:
+        raise CliError(f"`mocap track` runs the tracker here, and this environment lacks {', '.join(missing)}: "
+                       f"install the tracker's extra ({TRACKER_INSTALL_HINT})", EXIT_USAGE)
+    return _exit_status(subprocess.run(_track_command(args), check=False).returncode)
+
+
+def _track_command(args: argparse.Namespace) -> list[str]:
+    command = [sys.executable, "-m", "tracker_svc", "track", args.video, "--out", args.out, "--device", args.device]
+    if args.max_persons is not None:
+        command += ["--max-persons", str(args.max_persons)]
+    if args.overlay is not None:
+        command += ["--overlay", args.overlay]
+    return command
+
+
+def _exit_status(returncode: int) -> int:
+    """A child's status as a shell reports it: killed by signal N → 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def missing_modules(names: Sequence[str]) -> list[str]:
+    """The names among `names` that this interpreter cannot import (looked up, not imported)."""
+    missing = []
+    for name in names:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a finder that refuses the name, or a broken module entry
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -563,6 +606,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             message = f"cannot reach the gateway at {addr}: {details.message}"
         if details.retry_after_s:
             message += f" (retry in {details.retry_after_s:g} s)"
+        if is_message_too_large(details):
+            message = ("a message was refused by gRPC's message-size limit (RESOURCE_EXHAUSTED with no reason): "
+                       f"this is not a busy gateway, and sending the same again fails again ({details.message})")
+            console.print(f"error: {message}", markup=False)
+            return EXIT_USAGE
         console.print(f"error: {message}", markup=False)
         return _EXIT_BY_CODE.get(details.code, EXIT_INTERNAL)
     except KeyboardInterrupt:

@@ -6,10 +6,14 @@
             ─▶ quality report + smoothed tracks as artifacts ─▶ SUCCEEDED
 
 Each stage call waits for a slot of its stage (per-stage concurrency), runs under a deadline
-(the stage's own, bounded by what is left of the job's), and is retried with backoff only when
-the stage's service is unreachable before it answered anything. A failure ends the job FAILED
-with a reason and a message safe to show; cancellation ends it CANCELLED (or FAILED INTERRUPTED
-when the gateway is stopping). Intermediates are removed on every path but success.
+(the stage's own, bounded by what is left of the job's), and is retried only when the stage's
+service was unavailable before it answered anything (so no output of it is thrown away and
+re-made): with exponential backoff and jitter, for as long as the stage's retry budget (sized to
+cover a restart of its service) lasts, each retry announced by a STAGE_RETRY event (attempt,
+reason, delay). A failure ends the job FAILED with a reason and a message safe to show (no
+addresses, paths or gRPC transport text: `safe_message`); cancellation ends it CANCELLED (or
+FAILED INTERRUPTED when the gateway is stopping). Intermediates are removed on every path but
+success.
 
 The stage services are reached through the `Stages` interface (`gateway.stages` implements it
 over gRPC); nothing here knows about gRPC.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import random
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -63,9 +68,10 @@ class StageCallError(Exception):
     exceeded) or "failed" (the stage answered with an error); `responded`: whether the stage had
     sent anything before failing (then it is not retried)."""
 
-    def __init__(self, kind: str, message: str, *, responded: bool, reason: str = "") -> None:
+    def __init__(self, kind: str, message: str, *, responded: bool, reason: str = "", detail: str = "") -> None:
         super().__init__(message)
         self.kind, self.message, self.responded, self.reason = kind, message, responded, reason
+        self.detail = detail or message  # for the log only: may name addresses and transport errors
 
 
 class StageFailure(Exception):
@@ -122,9 +128,43 @@ class StagePolicy:
     timeout_s: dict[int, float]
     concurrency: dict[int, int]
     job_timeout_s: float
-    attempts: int
-    backoff_s: float
+    attempts: int  # most tries of one stage
+    backoff_s: float  # wait before the first retry; doubles per retry
+    backoff_max_s: float = 4.0  # the longest wait between two tries
+    retry_budget_s: dict[int, float] = field(default_factory=dict)  # per stage, from the first failure; none = no limit
     addresses: dict[int, str] = field(default_factory=dict)
+
+
+RETRY_JITTER = 0.25  # each wait is its backoff × a uniform factor in [1 - this, 1 + this]
+
+
+class RetrySchedule:
+    """When to try a stage again: exponential backoff with jitter, within a time budget counted
+    from the first failure and a number of attempts."""
+
+    def __init__(self, budget_s: float, first_delay_s: float, max_delay_s: float, max_attempts: int,
+                 rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.budget_s, self._first, self._max, self.max_attempts = budget_s, first_delay_s, max_delay_s, max_attempts
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._first_failure: float | None = None
+
+    def elapsed_s(self) -> float:
+        """Seconds since the first failure (0 before it)."""
+        return 0.0 if self._first_failure is None else self._clock() - self._first_failure
+
+    def next_delay(self, failed_attempt: int) -> float | None:
+        """The wait before the try after `failed_attempt` (1-based), or None when the budget or the
+        attempts are spent. The last wait is shortened to end with the budget, so the stage gets
+        one more try at the end of the budget rather than none."""
+        now = self._clock()
+        if self._first_failure is None:
+            self._first_failure = now
+        left = self.budget_s - (now - self._first_failure)
+        if failed_attempt >= self.max_attempts or left <= 0:
+            return None
+        backoff = min(self._max, self._first * 2 ** (failed_attempt - 1))
+        return max(0.0, min(left, backoff * self._rng.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,10 +251,14 @@ class Pipeline:
         """One stage with its slot, deadline, retry budget and events."""
         service = STAGE_SERVICE[stage]
         self._stage_event(job, stage, gateway_pb2.JOB_EVENT_TYPE_STAGE_STARTED, fraction=0.0)
-        delay = self._policy.backoff_s
-        for attempt in range(1, self._policy.attempts + 1):
+        policy = self._policy
+        retry = RetrySchedule(policy.retry_budget_s.get(stage, float("inf")), policy.backoff_s, policy.backoff_max_s,
+                              policy.attempts)
+        attempt = 0
+        while True:
+            attempt += 1
             async with self._slots[stage]:
-                timeout = min(self._policy.timeout_s[stage], deadline - time.monotonic())
+                timeout = min(policy.timeout_s[stage], deadline - time.monotonic())
                 if timeout <= 0:
                     raise StageFailure("STAGE_TIMEOUT", f"the job ran out of time before the {service} stage finished", stage)
                 started = time.monotonic()
@@ -222,34 +266,48 @@ class Pipeline:
                     result = await call(timeout, self._progress_callback(job, stage, throttle))
                 except StageCallError as exc:
                     STAGE_SECONDS.labels(service, exc.kind).observe(time.monotonic() - started)
-                    if exc.kind != "unavailable" or exc.responded or attempt == self._policy.attempts:
-                        raise self._failure(stage, exc, attempt, timeout) from None
-                    detail = exc.message
-                    retry_message = (f"the {service} service is unavailable; "
-                                     f"retry {attempt + 1} of {self._policy.attempts} in {delay:g} s")
+                    # Only a stage that answered nothing is tried again: whatever it had sent
+                    # would be made a second time (and a stream's output is not idempotent).
+                    retryable = exc.kind == "unavailable" and not exc.responded
+                    delay = retry.next_delay(attempt) if retryable else None
+                    if delay is None:
+                        raise self._failure(stage, exc, attempt, timeout, retry.elapsed_s()) from None
+                    detail = exc.detail
                 else:
                     STAGE_SECONDS.labels(service, "ok").observe(time.monotonic() - started)
                     self._stage_event(job, stage, gateway_pb2.JOB_EVENT_TYPE_STAGE_FINISHED, fraction=1.0)
                     return result
-            log.warning("stage unavailable; retrying", stage=service, attempt=attempt, detail=detail)
-            self._stage_event(job, stage, gateway_pb2.JOB_EVENT_TYPE_STAGE_RETRY, fraction=0.0, message=retry_message)
+            left = max(0.0, retry.budget_s - retry.elapsed_s())
+            # The detail (address, transport text) is for operators; the event says it in safe words.
+            log.warning("stage unavailable; retrying", stage=service, attempt=attempt, next_try_in_s=round(delay, 3),
+                        budget_left_s=round(left, 3), address=policy.addresses.get(stage, ""), detail=detail)
+            budget = f"; {left:.1f} s of its {retry.budget_s:g} s retry budget left" if retry.budget_s != float("inf") else ""
+            self._stage_event(
+                job, stage, gateway_pb2.JOB_EVENT_TYPE_STAGE_RETRY, fraction=0.0, attempt=attempt,
+                retry_delay_s=delay, reason="STAGE_UNAVAILABLE",
+                message=(f"the {service} service is unavailable (not reachable or not ready) before it answered; "
+                         f"attempt {attempt} failed, next try in {delay:.1f} s{budget}"))
             await asyncio.sleep(delay)
-            delay *= 2
-        raise AssertionError("unreachable")
 
-    def _failure(self, stage: int, exc: StageCallError, attempts: int, timeout_s: float) -> StageFailure:
+    def _failure(self, stage: int, exc: StageCallError, attempts: int, timeout_s: float, retried_s: float = 0.0) -> StageFailure:
         service = STAGE_SERVICE[stage]
         if exc.kind == "unavailable":
             # Where it was looked for and why it failed are for operators (the log), not clients.
             log.warning("stage unavailable", stage=service, address=self._policy.addresses.get(stage, ""),
-                        attempts=attempts, detail=exc.message)
+                        attempts=attempts, retried_s=round(retried_s, 3), responded=exc.responded, detail=exc.detail)
+            if exc.responded:
+                return StageFailure("STAGE_UNAVAILABLE",
+                                    f"the {service} service became unavailable while it was working on the job "
+                                    "(its work so far is not repeated automatically); try again later", stage)
+            over = f" over {retried_s:.1f} s" if attempts > 1 else ""
             return StageFailure("STAGE_UNAVAILABLE",
                                 f"the {service} service could not be reached after {attempts} "
-                                f"attempt{'s' if attempts > 1 else ''}; try again later", stage)
+                                f"attempt{'s' if attempts > 1 else ''}{over}; try again later", stage)
+        log.warning("stage failed", stage=service, kind=exc.kind, reason=exc.reason, attempts=attempts, detail=exc.detail)
         if exc.kind == "timeout":
             return StageFailure("STAGE_TIMEOUT", f"the {service} stage did not finish within its deadline of {timeout_s:.0f} s", stage)
         detail = f" [{exc.reason}]" if exc.reason else ""
-        return StageFailure("STAGE_FAILED", f"the {service} stage failed: {_safe(exc.message)}{detail}", stage)
+        return StageFailure("STAGE_FAILED", f"the {service} stage failed: {safe_message(exc.message)}{detail}", stage)
 
     def _progress_callback(self, job: JobRecord, stage: int, throttle: ProgressThrottle) -> ProgressCallback:
         def report(fraction: float, frames_done: int = 0, frames_total: int = 0) -> None:
@@ -260,11 +318,14 @@ class Pipeline:
         return report
 
     def _stage_event(self, job: JobRecord, stage: int, kind: int, *, fraction: float, frames_done: int = 0,
-                     frames_total: int = 0, message: str = "") -> None:
+                     frames_total: int = 0, message: str = "", attempt: int = 0, retry_delay_s: float | None = None,
+                     reason: str = "") -> None:
         fraction = min(max(fraction, 0.0), 1.0)
         start, end = STAGE_SPAN[stage]
         event = gateway_pb2.JobEvent(type=kind, stage=stage, stage_progress=fraction, frames_done=frames_done,
-                                     frames_total=frames_total, message=message)
+                                     frames_total=frames_total, message=message, attempt=attempt, reason=reason)
+        if retry_delay_s is not None:
+            event.retry_delay.FromNanoseconds(int(retry_delay_s * 1e9))
         self._store.record_stage_event(job.job_id, event, start + (end - start) * fraction)
 
 
@@ -430,14 +491,44 @@ def name_stem(display_filename: str) -> str:
     return cleaned or "take"
 
 
+# What `safe_message` removes from a stage's message before a client sees it.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
-_ABS_PATH = re.compile(r"(?<![\w.])/(?:[\w.+-]+/)+[\w.+-]*")
+# gRPC core's own error texts (a failed connect, a reset stream, its debug strings): from the first
+# of these on, the text is the transport's, not the stage's, and is cut.
+_GRPC_CORE_TEXT = re.compile(
+    r"failed to connect to all addresses|failed to connect to remote host|connection refused|connection reset"
+    r"|socket closed|broken pipe|endpoint (?:read|write) failed|stream removed|goaway|keepalive watchdog"
+    r"|dns resolution failed|name resolution|no address(?:es)? added|unavailable subchannel|connect(?:ion)? failed"
+    r"|transport closed|handshake|received (?:message )?larger than max|sent message larger than max"
+    r"|received rst_stream|debug_error_string|grpc_status|grpc_message|created_time|os_error|errno"
+    r"|\b(?:recvmsg|sendmsg|connect|getaddrinfo|setsockopt):|\bAioRpcError\b|_InactiveRpcError|\bgrpc_core::",
+    re.IGNORECASE)
+_ADDRESS = re.compile(
+    r"\b(?:ipv4|ipv6|unix|unix-abstract|vsock|dns|xds|passthrough):[^\s,;()]+"  # gRPC peer and target URIs
+    r"|\b[a-z][a-z0-9+.-]*://[^\s,;()]+"  # URLs
+    r"|\[[0-9a-f:.%]*:[0-9a-f:.%]*\](?::\d{1,5})?"  # [ipv6]:port
+    r"|(?<![\w:.])(?=[0-9a-f:]*::|(?:[0-9a-f]{1,4}:){5})(?:[0-9a-f]{0,4}:){2,7}[0-9a-f]{0,4}(?![\w:])"  # bare ipv6
+    r"|(?<![\w.])\d{1,3}(?:\.\d{1,3}){3}(?::\d{1,5})?(?![\w.])"  # ipv4[:port]
+    r"|(?<![\w.-])(?:localhost|[a-z0-9-]+(?:\.[a-z0-9-]+)+|[a-z][a-z0-9-]*(?=:\d{2,5}\b)):\d{2,5}\b",  # host:port
+    re.IGNORECASE)
+_PATH = re.compile(r"(?<![\w.])(?:~|\.{1,2})?/(?:[\w.+@-]+/)*[\w.+@-]+/?|(?<![\w])[a-z]:\\[^\s,;()]*", re.IGNORECASE)
 
 
-def _safe(message: str) -> str:
-    """A stage's message fit to show a client: one line, no server paths, bounded length."""
-    text = _ABS_PATH.sub("<path>", _CONTROL.sub(" ", message)).strip()
-    return text[:300] or "no detail given"
+def safe_message(message: str) -> str:
+    """A stage's message fit to show a client: one line, bounded length, and nothing of the
+    servers: no peer addresses (gRPC's "ipv4:…", "ipv6:[…]", host:port, IP literals, URLs), no
+    file paths, and no text of gRPC core's own errors (from the first such phrase on, the rest
+    is the transport's and is cut). What is removed is in the gateway's log."""
+    text = _CONTROL.sub(" ", message)
+    cut = _GRPC_CORE_TEXT.search(text)
+    if cut is not None:
+        text = text[:cut.start()].rstrip(" :;,-(<") + " (transport error)"
+    text = _ADDRESS.sub("<address>", text)
+    text = _PATH.sub("<path>", text)
+    text = re.sub(r"\s+", " ", text).strip()
+    text = text[:300]
+    text += ")" * max(0, text.count("(") - text.count(")"))  # close what a cut left open
+    return text or "no detail given"
 
 
 __all__ = ["CANCELLED", "Pipeline", "Stages", "StageCallError", "StageFailure", "StagePolicy"]

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import av
 
+from mocap_common.media import upright_size
+
 # Containers a camera, phone or editor writes. Anything else FFmpeg can open (text shown as ANSI
 # art, single images, playlists, ...) is not a video for this service.
 CONTAINER_EXTENSIONS: dict[str, str] = {
@@ -55,8 +57,8 @@ class ProbeResult:
     container: str  # FFmpeg's name, e.g. "mov,mp4,m4a,3gp,3g2,mj2"
     extension: str  # the file extension the gateway stores it under, e.g. "mp4"
     codec: str
-    width: int
-    height: int
+    width: int  # as displayed: a sideways-coded phone clip with a quarter-turn display matrix is
+    height: int  # reported upright (the tracker decodes it upright too)
     frame_count: int
     fps: float
     duration_s: float
@@ -141,13 +143,15 @@ def _check_tail(container: av.container.InputContainer, stream: av.VideoStream) 
 
 
 def _first_frame_size(path: Path) -> tuple[int, int]:
-    """Decodes from the start until the first picture (a fresh open: the count read to the end)."""
+    """Decodes from the start until the first picture (a fresh open: the count read to the end)
+    and gives its size as displayed: a phone's sideways-coded picture with a quarter-turn display
+    matrix is reported upright, as the tracker will see it."""
     try:
         with av.open(str(path), mode="r") as container:
             stream = container.streams.video[0]
             for i, packet in enumerate(container.demux(stream)):
                 for frame in packet.decode():
-                    return frame.width, frame.height
+                    return upright_size(frame)
                 if i >= _FIRST_FRAME_PACKETS:
                     break
     except (av.FFmpegError, OSError, ValueError) as exc:

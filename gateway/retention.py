@@ -4,7 +4,10 @@ Startup sweep (before the gateway serves):
 - jobs RUNNING when the last process died → FAILED (INTERRUPTED), intermediates removed;
   QUEUED jobs stay queued (nothing of them had started) unless their input is gone;
 - ended jobs lose any intermediates a crash left behind;
-- interrupted uploads past their retention, or whose bytes are gone, are removed;
+- interrupted uploads are removed when they cannot be resumed: past their retention, their bytes
+  gone, without a request_id (nobody can ask for them again: a gateway killed in the middle of such
+  an upload left a partial file and a row that would otherwise wait out the whole retention), or
+  with no byte committed (a resume would start over anyway);
 - directories under jobs/ that belong to no job and no upload are removed.
 
 Periodic cleanup: ended jobs past their expire time and interrupted uploads past theirs are
@@ -75,7 +78,10 @@ class Retention:
                 continue
             expired = upload.expire_us <= now
             lost = upload.committed_bytes > 0 and not self._dir(upload.upload_id).partial.exists()
-            if expired or lost:
+            # No call streams anything yet (the sweep runs before the gateway serves), so an
+            # upload without a request_id, or without a committed byte, is one nobody can resume.
+            unresumable = not upload.request_id or upload.committed_bytes == 0
+            if expired or lost or unresumable:
                 self._remove_upload(upload.upload_id)
                 report.removed_uploads += 1
         report.removed_orphans = self._remove_orphans()

@@ -1,7 +1,8 @@
 """GatewayService over gRPC: who is calling, decode, call the domain, encode. Nothing else.
 
 Errors are `ServiceError`s raised by the domain; the shared interceptor turns them into
-google.rpc.Status with ErrorInfo / BadRequest / RetryInfo.
+google.rpc.Status with ErrorInfo / BadRequest / RetryInfo. CreateJob's request stream is drained
+before the call ends (`mocap_common.streams`), so that status is what the client sees.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from gateway.service import JobService
 from gateway.tenancy import Tenancy
 from mocap.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from mocap_common.logs import bind_context
+from mocap_common.streams import draining
 
 # gRPC reports a client's cancel to the handler first as an ordinary end of the request stream,
 # and cancels the handler a moment later. A stream that ends short waits this long, so a broken
@@ -36,8 +38,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     async def CreateJob(self, request_iterator: AsyncIterator[gateway_pb2.CreateJobRequest],
                         context: grpc.aio.ServicerContext) -> common_pb2.Job:
-        tenant = self._tenant(context)
-        job = await self._service.create_job(tenant, aiter(request_iterator), lambda: asyncio.sleep(BROKEN_STREAM_GRACE_S))
+        # Drained however the upload ends before the client has sent everything (a refused header
+        # or chunk, a bad token, an early answer for a known request_id or content), after the
+        # upload's files and row are settled: the client gets this answer, not INTERNAL.
+        async with draining(request_iterator) as requests:
+            tenant = self._tenant(context)
+            job = await self._service.create_job(tenant, requests, lambda: asyncio.sleep(BROKEN_STREAM_GRACE_S))
         return to_proto(job)
 
     async def GetUpload(self, request: gateway_pb2.GetUploadRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.Upload:

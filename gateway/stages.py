@@ -4,7 +4,10 @@ Track streams the input video in 1 MiB chunks and assembles the returned pose ch
 one unary call when the tracks are small enough, else a stream; Export streams the tracks (and
 the video for the preview) and hands each returned file to the pipeline's sink. A call runs
 under the deadline it is given and is cancelled with the task that awaits it; gRPC failures
-become `StageCallError`s.
+become `StageCallError`s. Only a stage's own error message (one with the mesh's ErrorInfo) is
+passed on as the error's message; an error gRPC made up itself (connection refused, reset, a
+message over its size limit) carries peer addresses and transport text, which go to the log
+(`StageCallError.detail`), never to the job.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from gateway.pipeline import (
 )
 from mocap.v1 import exporter_pb2, exporter_pb2_grpc, smoother_pb2, smoother_pb2_grpc, tracker_pb2, tracker_pb2_grpc
 from mocap_common.channels import open_channel
-from mocap_common.errors import ServiceError
+from mocap_common.errors import ERROR_DOMAIN, ServiceError
 from mocap_common.posecodec import (
     PoseTrackAssembler,
     chunk_tracks,
@@ -200,7 +203,12 @@ def _call_error(error: grpc.aio.AioRpcError, responded: bool) -> StageCallError:
         kind = "timeout"
     else:
         kind = "failed"
-    return StageCallError(kind, details.message or code.name, responded=responded, reason=details.reason)
+    raw = details.message or code.name
+    if details.domain == ERROR_DOMAIN:  # the stage's own words (it sanitises them; the pipeline does again)
+        message, reason = raw, details.reason
+    else:  # made up by gRPC (or something between us and the stage): transport text, addresses
+        message, reason = f"the call ended with {code.name} before the service gave a reason", ""
+    return StageCallError(kind, message, responded=responded, reason=reason, detail=raw)
 
 
 def _checked(fn: Any, *args: Any, what: str) -> Any:

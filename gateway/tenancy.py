@@ -29,7 +29,7 @@ class Tenancy:
         self._by_digest = None if tokens is None else {_digest(t): tenant for t, tenant in tokens.items()}
 
     @classmethod
-    def from_file(cls, path: str) -> "Tenancy":
+    def from_file(cls, path: Path | str | None) -> "Tenancy":
         """Open mode for an empty path; otherwise the file must exist and be well formed."""
         if not path:
             return cls(None)

@@ -7,9 +7,18 @@
 What is kept when a stream does not finish:
 - a *broken* stream (the client cancelled or vanished) with a request_id keeps its bytes, fsynced
   and recorded, so the client can resume from `GetUpload().committed_bytes` until the upload
-  retention ends;
-- a stream that ends normally but short, or any invalid input, removes the upload's directory
-  and row: a refused upload leaves nothing on disk or in the store.
+  retention ends — if it has any: a stream that broke before its first byte leaves nothing
+  (resuming it would be starting over), and so does a broken stream without a request_id
+  (nobody can resume it);
+- a stream that ends normally but short, or any invalid input (a chunk over MAX_CHUNK_BYTES
+  included), removes the upload's directory and row: a refused upload leaves nothing on disk or
+  in the store.
+
+Message limits: a chunk carries at most MAX_CHUNK_BYTES (the documented limit, CHUNK_TOO_LARGE
+above it). The gateway's transport accepts messages up to TRANSPORT_RECEIVE_LIMIT_BYTES, well above
+that, so an oversized chunk reaches the handler and gets INVALID_ARGUMENT with a reason; only a
+message over the transport limit is refused by gRPC itself (RESOURCE_EXHAUSTED, no details), which
+the handler cannot tell from a broken stream (see above for what that keeps).
 """
 
 from __future__ import annotations
@@ -31,7 +40,17 @@ from typing import Any, BinaryIO
 from prometheus_client import Counter
 
 from gateway.config import GatewayConfig
-from gateway.jobs import QUEUED, JobRecord, UploadRecord, canonical_options, new_job_id, now_us, options_key
+from gateway.jobs import (
+    QUEUED,
+    SUCCEEDED,
+    JobRecord,
+    UploadRecord,
+    canonical_options,
+    new_job_id,
+    now_us,
+    options_key,
+    parse_artifact_name,
+)
 from gateway.layout import JobDir
 from gateway.probe import ProbeError, probe_video
 from gateway.store import JobStore
@@ -56,7 +75,16 @@ UPLOAD_BYTES = Counter("mocap_gateway_upload_bytes_total", "Video bytes received
 UPLOADS_REFUSED = Counter("mocap_gateway_uploads_refused_total", "Uploads refused, by reason.", ["reason"])
 UPLOADS_INTERRUPTED = Counter("mocap_gateway_uploads_interrupted_total", "Upload streams that broke (kept for resume when possible).")
 
-MAX_CHUNK_BYTES = 4 * 1024 * 1024
+MAX_CHUNK_BYTES = 4 * 1024 * 1024  # documented on UploadChunk.data in gateway.proto
+# The gateway's gRPC receive limit per message (gateway.app passes it to ServiceHost): 32 × the
+# chunk limit plus room for framing, so every chunk size a client is likely to configure by
+# mistake (up to 128 MiB, the whole of a short clip in one chunk) is answered CHUNK_TOO_LARGE by
+# the handler, while one message still cannot make the gateway hold more than this. Above it gRPC
+# refuses the message itself, without details. Documented on CreateJob in gateway.proto.
+TRANSPORT_RECEIVE_LIMIT_BYTES = 128 * 1024 * 1024 + 64 * 1024
+# Bytes an UploadChunk message may have besides its data (offset, tags, lengths): a message larger
+# than MAX_CHUNK_BYTES + this is refused before its data is copied out of the message.
+_CHUNK_FRAMING_BYTES = 32
 MAX_FILENAME_CHARS = 255
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -280,7 +308,7 @@ class Uploads:
             existing = self._resolve_request_id(tenant, request)
             if isinstance(existing, JobRecord):
                 return existing
-            duplicate = self._store.find_duplicate(tenant, request.sha256, options_key(request.options)) if request.sha256 else None
+            duplicate = self._deliverable_duplicate(tenant, request.sha256, options_key(request.options)) if request.sha256 else None
             if duplicate is not None:
                 if existing is not None:
                     self._discard(existing.upload_id)
@@ -325,6 +353,22 @@ class Uploads:
             upload = replace(upload, committed_bytes=0)  # the client starts over
             self._store.set_upload_committed(upload.upload_id, 0, upload.expire_us)
         return upload
+
+    def _deliverable_duplicate(self, tenant: str, sha256: str, key: str) -> JobRecord | None:
+        """The job of the same content and options, if its results can still be delivered: a
+        SUCCEEDED job whose artifact files are gone (lost disk, manual cleanup) is no answer, so
+        the upload becomes a new job instead of a job whose downloads fail NOT_FOUND."""
+        job = self._store.find_duplicate(tenant, sha256, key)
+        if job is None or job.state != SUCCEEDED:
+            return job
+        job_dir = JobDir(self._config.jobs_dir, job.job_id)
+        for artifact in job.artifacts:
+            path = job_dir.artifact(parse_artifact_name(artifact.name)[1])
+            if not path.is_file() or path.stat().st_size != artifact.size_bytes:
+                log.warning("duplicate's artifacts are missing; starting a new job", job=job.job_id,
+                            artifact=artifact.name)
+                return None
+        return job
 
     def _answer_with(self, job: JobRecord, tenant: str, request: UploadRequest) -> JobRecord:
         """Answers an upload with an existing job of the same content, remembering its request_id."""
@@ -418,12 +462,17 @@ class Uploads:
         if part is not None:
             if keep:
                 committed = await part.sync()
-                self._store.set_upload_committed(upload.upload_id, committed, now_us() + self._retention_us)
-                log.info("upload interrupted; kept for resume", upload=upload.upload_id, committed_bytes=committed)
+                keep = committed > 0  # nothing arrived: nothing to resume (a resume from 0 starts over)
+                if keep:
+                    self._store.set_upload_committed(upload.upload_id, committed, now_us() + self._retention_us)
+                    log.info("upload interrupted; kept for resume", upload=upload.upload_id, committed_bytes=committed)
             await part.close()
+        elif keep:
+            keep = upload.committed_bytes > 0
         current = self._store.get_upload(upload.upload_id)
         if not keep and current is not None and not current.complete:
             self._discard(upload.upload_id)
+            log.info("unfinished upload removed", upload=upload.upload_id, had_request_id=bool(upload.request_id))
 
     def _discard(self, upload_id: str) -> None:
         self._store.delete_upload(upload_id)
@@ -444,13 +493,15 @@ class Uploads:
                 raise InvalidArgument("a message carried neither header nor chunk",
                                       violations=[FieldViolation("part", "must be set")])
             chunk = message.chunk
+            if chunk.ByteSize() > MAX_CHUNK_BYTES + _CHUNK_FRAMING_BYTES:  # sized without copying the data
+                raise _chunk_too_large()
             data = chunk.data  # each access of a bytes field copies it: once per message
+            if len(data) > MAX_CHUNK_BYTES:
+                raise _chunk_too_large()
             if chunk.offset != offset:
                 committed = await part.sync() if upload.request_id else 0
                 raise FailedPrecondition(f"chunk offset {chunk.offset} is not where the upload stands ({offset})",
                                          reason="UPLOAD_OFFSET_MISMATCH", metadata={"committed_bytes": committed})
-            if len(data) > MAX_CHUNK_BYTES:
-                raise InvalidArgument("chunk too large", violations=[FieldViolation("chunk.data", f"must be at most {MAX_CHUNK_BYTES} bytes")])
             if offset + len(data) > size:
                 raise InvalidArgument(f"more bytes arrived than the declared {size}", reason="SIZE_MISMATCH",
                                       violations=[FieldViolation("header.size_bytes", "is smaller than the bytes sent")])
@@ -471,7 +522,7 @@ class Uploads:
             raise InvalidArgument("the bytes received do not match the declared SHA-256", reason="CHECKSUM_MISMATCH",
                                   violations=[FieldViolation("header.sha256", "differs from the SHA-256 of the bytes received")])
         key = upload.options_key
-        duplicate = self._store.find_duplicate(upload.tenant, digest, key)
+        duplicate = self._deliverable_duplicate(upload.tenant, digest, key)
         if duplicate is None:
             try:
                 probe = await asyncio.to_thread(probe_video, job_dir.partial)
@@ -479,7 +530,7 @@ class Uploads:
                 raise InvalidArgument(exc.message, reason=exc.reason,
                                       violations=[FieldViolation("chunk.data", exc.message)]) from None
             self._check_limits(probe.duration_s, probe.width, probe.height)
-            duplicate = self._store.find_duplicate(upload.tenant, digest, key)  # one may have finished meanwhile
+            duplicate = self._deliverable_duplicate(upload.tenant, digest, key)  # one may have finished meanwhile
         if duplicate is not None:
             self._store.complete_upload_as(upload.upload_id, duplicate.job_id)
             job_dir.remove()
@@ -511,6 +562,17 @@ class Uploads:
             raise InvalidArgument(f"the video is {width}×{height}; this server accepts at most {cfg.max_frame_pixels} pixels per frame",
                                   reason="RESOLUTION_TOO_HIGH",
                                   violations=[FieldViolation("chunk.data", f"frames must have at most {cfg.max_frame_pixels} pixels")])
+        # A sliver of a frame (16000×16) costs the tracker as much as its long side, and no camera makes one.
+        if max(width, height) > cfg.max_aspect_ratio * min(width, height):
+            raise InvalidArgument(f"the video is {width}×{height}; this server accepts frames of at most {cfg.max_aspect_ratio:g}:1 "
+                                  "either way", reason="UNSUPPORTED_ASPECT_RATIO",
+                                  violations=[FieldViolation("chunk.data", f"width/height and height/width must be at most {cfg.max_aspect_ratio:g}")])
+
+
+def _chunk_too_large() -> InvalidArgument:
+    return InvalidArgument(f"a chunk carried more than {MAX_CHUNK_BYTES} bytes; send the video in chunks of at most "
+                           f"{MAX_CHUNK_BYTES // (1024 * 1024)} MiB", reason="CHUNK_TOO_LARGE",
+                           violations=[FieldViolation("chunk.data", f"must be at most {MAX_CHUNK_BYTES} bytes")])
 
 
 def _reused(request_id: str) -> AlreadyExists:

@@ -11,6 +11,7 @@ its parent's position plus the parent's global rotation applied to the joint's O
 
 from __future__ import annotations
 
+import lzma
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,9 +60,18 @@ class Pose:
     end_sites: dict[int, np.ndarray]  # joint index → (F, 3) End Site position
 
 
+def find_bvh(directory: Path, name: str) -> Path:
+    """`name`.bvh in `directory`, or the xz-compressed `name`.bvh.xz (as the smoother ships them)."""
+    plain = directory / f"{name}.bvh"
+    compressed = plain.with_name(plain.name + ".xz")
+    return compressed if compressed.exists() and not plain.exists() else plain
+
+
 def read_bvh(path: str | Path) -> BvhClip:
-    """Parses a BVH file (hierarchy and motion)."""
-    tokens = re.findall(r"[^\s{}]+|[{}]", Path(path).read_text())
+    """Parses a BVH file (hierarchy and motion); a name ending in `.xz` is read through lzma."""
+    path = Path(path)
+    text = lzma.decompress(path.read_bytes()).decode() if path.suffix == ".xz" else path.read_text()
+    tokens = re.findall(r"[^\s{}]+|[{}]", text)
     pos = 0
 
     def take() -> str:

@@ -4,10 +4,19 @@ Starts resource_svc, tracker_svc, smoother_svc, exporter_svc and the gateway (in
 each waiting for the previous ones to report health SERVING), then waits. Ctrl-C or SIGTERM
 stops them all gracefully (SIGTERM, then SIGKILL of each process group after a grace period);
 if any service dies, the others are stopped too and the launcher exits non-zero. No child
-outlives the launcher.
+outlives the launcher, even one killed with kill -9: `mocap_common.procs.child_process` ties
+every service's process group to the launcher's life.
 
-`--demo VIDEO --out DIR` additionally submits VIDEO through the CLI (`mocap submit --wait`),
-downloads the results into DIR, and stops the mesh when the job ends.
+Before anything starts, every port of the mesh must be free: a port something already listens
+on (typically a service of an earlier mesh that was not stopped) would otherwise answer the
+health checks in place of the service started now — gRPC servers bind with SO_REUSEPORT, so the
+new one may even start beside it — and the mesh would report SERVING while running someone
+else's code. The launcher then exits with status 2 naming the port and the service.
+
+`--demo [VIDEO] --out DIR` additionally submits VIDEO (default: the demo clip shipped in
+`mocap_common/demo/`) through the CLI (`mocap submit --wait`), downloads the results into DIR, and
+stops the mesh when the job ends. Every path is made absolute against the launcher's working
+directory before any child starts.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,7 +35,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mocap_common.config import absolute_path
 from mocap_common.procs import child_process, finish_uncancellable, terminate_group
+
+DEMO_CLIP = Path(__file__).resolve().parent / "demo" / "runner_1080p.mp4"
 
 
 @dataclass
@@ -88,6 +101,15 @@ class Mesh:
     def port_of(self, spec: ServiceSpec, i: int) -> int:
         return spec.port if self.base_port is None else self.base_port + i
 
+    def check_ports_free(self) -> None:
+        """Exits (status 2) naming the first service whose port is already taken."""
+        for spec in SERVICES:
+            port = int(self.env[spec.env_addr].rsplit(":", 1)[1])
+            problem = port_taken(self.host, port)
+            if problem:
+                print(_port_taken_message(spec, self.host, port, problem), file=sys.stderr, flush=True)
+                raise SystemExit(2)
+
     async def start(self, stack: contextlib.AsyncExitStack) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for spec in SERVICES:
@@ -119,6 +141,33 @@ class Mesh:
             await terminate_group(running.proc, grace_s)
 
 
+def port_taken(host: str, port: int) -> str | None:
+    """Why `port` on `host` cannot be ours (e.g. "Address already in use"), None when it is free.
+
+    A plain bind, without SO_REUSEPORT: it fails while any socket listens on the port, whatever
+    options that one was bound with (SO_REUSEPORT only shares a port among sockets that all set
+    it). SO_REUSEADDR keeps connections of an earlier run in TIME_WAIT from counting as taken."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        return f"cannot resolve {host}: {error.strerror}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            return error.strerror or str(error)
+    return None
+
+
+def _port_taken_message(spec: ServiceSpec, host: str, port: int, problem: str) -> str:
+    return (f"mocap mesh: port {port} on {host}, for the {spec.name} service ({spec.env_addr}), is not free "
+            f"({problem}): another program — perhaps a service of an earlier mesh that is still running — "
+            f"listens there and would answer in place of the {spec.name}. Stop it, or choose other ports "
+            "with --base-port. Nothing was started.")
+
+
 def _tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -126,9 +175,9 @@ def _tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
-async def run_demo(mesh: Mesh, video: str, out: str) -> int:
+async def run_demo(mesh: Mesh, video: Path, out: Path) -> int:
     gateway = mesh.env["MOCAP_GATEWAY_ADDR"]
-    argv = [sys.executable, "-m", "gateway.cli", "--addr", gateway, "submit", video, "--wait", "--out", out]
+    argv = [sys.executable, "-m", "gateway.cli", "--addr", gateway, "submit", str(video), "--wait", "--out", str(out)]
     async with child_process(argv, env=mesh.env, stdin=None) as proc:
         return await proc.wait()
 
@@ -140,6 +189,7 @@ async def main_async(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     status = 0
+    mesh.check_ports_free()  # before any child starts: no half-started mesh to stop
     async with contextlib.AsyncExitStack() as stack:
         try:
             print("mocap mesh: starting five services", flush=True)
@@ -174,11 +224,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base-port", type=int, default=None,
                         help="use consecutive ports from here (resource, tracker, smoother, exporter, gateway) "
                              "instead of the defaults 50055, 50052, 50053, 50054, 50051")
-    parser.add_argument("--log-dir", default="data/logs")
+    parser.add_argument("--log-dir", type=absolute_path, default=absolute_path("data/logs"))
     parser.add_argument("--ready-timeout", type=float, default=180.0)
     parser.add_argument("--grace", type=float, default=15.0)
-    parser.add_argument("--demo", metavar="VIDEO", help="submit VIDEO and wait for its results")
-    parser.add_argument("--out", default="out", help="where --demo writes the results")
+    parser.add_argument("--demo", metavar="VIDEO", nargs="?", type=absolute_path, const=DEMO_CLIP,
+                        help=f"submit VIDEO (default {DEMO_CLIP.name}, shipped with the package) and wait "
+                             "for its results")
+    parser.add_argument("--out", type=absolute_path, default=absolute_path("out"),
+                        help="where --demo writes the results")
     args = parser.parse_args(argv)
     sys.exit(asyncio.run(main_async(args)))
 

@@ -16,7 +16,11 @@ broker reclaims, so it stops before anyone else can be granted the slot).
 
 Errors from the broker are raised as `mocap_common.errors.ServiceError`s: `DeadlineExceeded`
 (reason NO_SLOT) when no slot freed in time, `Unavailable` (NOT_READY) when the broker cannot be
-reached, `NotFound` (NO_SUCH_DEVICE), `InvalidArgument`, ...
+reached, `NotFound` (NO_SUCH_DEVICE), `InvalidArgument`, ... Their messages, and the reasons a
+lease is lost (`LeaseLost`), travel on to the holder's callers (a tracker puts them into its own
+errors, and the gateway shows those to clients): they never carry gRPC's transport text (peer
+addresses such as "ipv4:127.0.0.1:50055", "Failed to connect to remote host"), which only the log
+gets.
 
 `LeaseClient` is the lower-level client (one channel, every RPC) that `lease()`, the `lease` CLI
 and the benchmark share.
@@ -105,8 +109,19 @@ def device_selector(device: str, min_free_memory_bytes: int = 0) -> resource_pb2
     return selector
 
 
+# A failed broker call that carries no ErrorInfo of the mesh was answered by gRPC itself (the
+# broker unreachable, a reset connection, our deadline): its message is transport text, so the
+# error says this instead.
+_TRANSPORT_MESSAGES = {
+    grpc.StatusCode.UNAVAILABLE: "the lease broker could not be reached",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the lease broker did not answer in time",
+    grpc.StatusCode.CANCELLED: "the call to the lease broker was cancelled",
+}
+
+
 def service_error(error: grpc.RpcError) -> errors.ServiceError:
-    """The `ServiceError` a failed broker call stands for (code, reason, message, details)."""
+    """The `ServiceError` a failed broker call stands for (code, reason, message, details).
+    The message is the broker's own, or a fixed text when gRPC made the error up (see above)."""
     details = describe_rpc_error(error)
     cls = _ERROR_CLASSES.get(details.code, errors.Internal)
     reason = details.reason or None
@@ -119,9 +134,25 @@ def service_error(error: grpc.RpcError) -> errors.ServiceError:
         reason = "NO_SLOT"  # our own deadline passed before the broker answered
     if details.code == grpc.StatusCode.UNAVAILABLE and reason is None:
         reason = "NOT_READY"
-    message = details.message or details.code.name
+    if details.domain == errors.ERROR_DOMAIN:
+        message = details.message or details.code.name
+    else:
+        message = _TRANSPORT_MESSAGES.get(details.code, f"the call to the lease broker failed ({details.code.name})")
+        log.info("lease broker call failed", code=details.code.name, detail=details.message)
     return cls(message, reason=reason, violations=details.violations, retry_after_s=details.retry_after_s,
                metadata=details.metadata)
+
+
+def _failure_summary(error: BaseException) -> str:
+    """A failed keep-alive in words fit for a `LeaseLost` reason (no transport text)."""
+    if isinstance(error, grpc.RpcError):
+        details = describe_rpc_error(error)
+        if details.domain == errors.ERROR_DOMAIN:
+            return f"{details.code.name} [{details.reason}]" if details.reason else details.code.name
+        return _TRANSPORT_MESSAGES.get(details.code, f"the keep-alive stream failed ({details.code.name})")
+    if isinstance(error, ConnectionError):
+        return "the broker closed the keep-alive stream"
+    return f"the keep-alive stream failed ({type(error).__name__})"
 
 
 _ERROR_CLASSES: dict[grpc.StatusCode, type[errors.ServiceError]] = {
@@ -360,7 +391,8 @@ async def _keep_alive(stub: resource_pb2_grpc.ResourceServiceStub, held: HeldLea
             if isinstance(error, grpc.RpcError):
                 details = describe_rpc_error(error)
                 if details.reason == "LEASE_LOST" or details.code == grpc.StatusCode.INVALID_ARGUMENT:
-                    lose(f"the broker refused to renew it: {details}", True)
+                    log.info("keep-alive refused by the broker", lease=held.name, error=str(details))
+                    lose(f"the broker refused to renew it ({details.reason or details.code.name})", True)
                     return
                 detail_text = str(details)
             else:
@@ -368,7 +400,7 @@ async def _keep_alive(stub: resource_pb2_grpc.ResourceServiceStub, held: HeldLea
             log.info("keep-alive stream broke; reconnecting", lease=held.name, error=detail_text)
             if loop.time() + backoff >= give_up_at:
                 await asyncio.sleep(max(0.0, give_up_at - loop.time()))
-                lose(f"no renewal confirmed within its {ttl_s:g} s TTL (last error: {detail_text})", False)
+                lose(f"no renewal confirmed within its {ttl_s:g} s TTL (last error: {_failure_summary(error)})", False)
                 return
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)

@@ -36,6 +36,10 @@ log = get_logger(__name__)
 
 # Messages carry pose tracks and file chunks; 64 MiB leaves room for long takes in unary Smooth.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# gRPC refuses a received message over the limit itself (RESOURCE_EXHAUSTED, no ErrorInfo, the
+# handler only sees its call cancelled). A service whose API documents a smaller limit for a
+# field can raise its transport limit above that (`ServiceHost(max_receive_message_bytes=...)`)
+# so the handler sees an oversized message and refuses it with a reason and a field violation.
 SERVER_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -53,12 +57,15 @@ class ServiceHost:
     """A grpc.aio server with health, reflection, interceptors, metrics and graceful shutdown."""
 
     def __init__(self, config: ServiceConfig, interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (),
-                 quiet_methods: tuple[str, ...] = ()) -> None:
+                 quiet_methods: tuple[str, ...] = (), max_receive_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         """`quiet_methods`: full method names ("/mocap.v1.ResourceService/Acquire") logged only
-        when they fail (high-rate calls); they are still measured."""
+        when they fail (high-rate calls); they are still measured. `max_receive_message_bytes`:
+        the transport's limit on one received message (see SERVER_OPTIONS)."""
         self.config = config
+        options = tuple((k, max_receive_message_bytes if k == "grpc.max_receive_message_length" else v)
+                        for k, v in SERVER_OPTIONS)
         self.server = grpc.aio.server(interceptors=(ServerInterceptor(quiet_methods), *interceptors),
-                                      options=SERVER_OPTIONS)
+                                      options=options)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []

@@ -9,8 +9,9 @@
 for a CPU device), runs CMD in its own process group, keeps the lease alive, and releases it when
 CMD exits; it exits with CMD's status. SIGINT/SIGTERM are forwarded to CMD's group. If the lease
 is lost, CMD's whole group is terminated (SIGTERM, then SIGKILL after --kill-grace) and `lease`
-exits with 75. The broker address comes from --addr, else $MOCAP_RESOURCE_ADDR, else
-127.0.0.1:50055.
+exits with 75. If `lease run` itself dies (kill -9), CMD's whole group is killed with it
+(`mocap_common.procs.child_process`): no command runs on without its lease. The broker address
+comes from --addr, else $MOCAP_RESOURCE_ADDR, else 127.0.0.1:50055.
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ async def _run(args: argparse.Namespace, address: str) -> int:
                 env["MOCAP_LEASE_FENCING_TOKEN"] = str(held.fencing_token)
                 env["MOCAP_LEASE_DEVICE"] = held.device
                 try:
-                    async with child_process(_dies_with_us(argv), env=env, stdin=None,
+                    async with child_process(argv, env=env, stdin=None,
                                              grace_s=args.kill_grace) as proc:
                         child_pgid.append(proc.pid)
                         returncode = await proc.wait()
@@ -185,32 +186,6 @@ async def _run(args: argparse.Namespace, address: str) -> int:
                 return 128 + interrupted[0]
             raise
     return returncode if returncode >= 0 else 128 - returncode
-
-
-# Runs CMD so that it gets SIGKILL if `lease run` itself dies without cleaning up (kill -9):
-# prctl(PR_SET_PDEATHSIG) survives exec. Only CMD is covered, not processes CMD starts in the
-# background; the broker's leak check reports those (GPU memory held with no lease).
-_PDEATHSIG_SHIM = """
-import ctypes, os, signal, sys
-if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) != 0:
-    print("lease run: warning: cannot tie the command to this process (prctl failed)", file=sys.stderr)
-if os.getppid() != int(sys.argv[1]):
-    sys.exit(75)  # `lease run` died before the command started: never run it without the lease
-try:
-    os.execvp(sys.argv[2], sys.argv[2:])
-except FileNotFoundError:
-    print(f"lease run: command not found: {sys.argv[2]}", file=sys.stderr)
-    sys.exit(127)
-except PermissionError:
-    print(f"lease run: command not executable: {sys.argv[2]}", file=sys.stderr)
-    sys.exit(126)
-"""
-
-
-def _dies_with_us(argv: list[str]) -> list[str]:
-    if not sys.platform.startswith("linux"):
-        return argv
-    return [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid()), *argv]
 
 
 # -- lease devices / list / watch --------------------------------------------------------------

@@ -10,6 +10,12 @@ from mocap_common.config import ServiceConfig, setting
 from mocap_common.server import MAX_MESSAGE_BYTES
 
 
+# The three CMU clips the learned smoother trains on ship inside the package (xz-compressed,
+# with their attribution), so a fresh clone and the smoother's container can train without
+# any other download.
+TRAINING_MOTION_DIR = Path(__file__).resolve().parent / "training_motion"
+
+
 @dataclass(frozen=True)
 class SmootherConfig(ServiceConfig):
     """Temporal filtering of pose tracks and the learned smoother's training."""
@@ -42,6 +48,8 @@ class SmootherConfig(ServiceConfig):
     lease_acquire_timeout_s: float = setting(600.0,
                                              "Longest wait for a training slot, seconds (also bounded by the "
                                              "caller's deadline).")
-    mocap_dir: Path = setting(Path("../shared/mocap"), "Directory with the CMU clips cmu_131_0{1,2,3}.bvh.")
+    mocap_dir: Path = setting(TRAINING_MOTION_DIR, "Directory with the training motion: the CMU clips "
+                                                   "cmu_131_0{1,2,3}.bvh (or .bvh.xz); default: the ones "
+                                                   "shipped in smoother_svc/training_motion/.")
     noise_model_path: Path | None = setting(None, "Tracker noise model JSON (default: the one shipped in "
                                                   "smoother_svc/tracker_noise.json).")

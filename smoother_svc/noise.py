@@ -21,7 +21,11 @@ the CMU clips at 30 fps the clean motion's spectrum there is 3-10× below the tr
 Videos are pooled with equal weight (σ by geometric mean, rates and ρ by arithmetic mean). The tracker's noise is not
 exactly AR(1) (its spectrum falls faster near Nyquist); the fit matches the band's overall slope.
 
-    python -m smoother_svc.noise measure VIDEO... [--out smoother_svc/tracker_noise.json]
+Measuring takes the tracker's raw output, not videos: the smoother never imports the tracker (its
+install has no tracker extra), so the tracker's own debug command writes the tracks first:
+
+    python -m tracker_svc track VIDEO --out VIDEO.npz --threads 1      # in a tracker install
+    python -m smoother_svc.noise measure VIDEO.npz... [--out smoother_svc/tracker_noise.json]
     python -m smoother_svc.noise show
 """
 
@@ -38,6 +42,7 @@ import numpy as np
 from scipy import signal
 
 from mocap_common.poses import NUM_LANDMARKS, PoseTrackSet
+from mocap_common.trackio import load_track_set
 from smoother_svc.gaps import VISIBLE
 
 DEFAULT_MODEL_PATH = Path(__file__).with_name("tracker_noise.json")
@@ -292,8 +297,8 @@ def measure_noise(track_sets: list[PoseTrackSet], source: str = "") -> NoiseMode
             "per_video_world_std_mm_mean": ", ".join(f"{float(np.mean(v.world_std)) * 1000:.1f}" for v in videos),
             "per_video_frames": ", ".join(str(v.frames) for v in videos),
             "per_video_ar1": ", ".join(f"{v.ar1:.3f}" for v in videos),
-            "regenerate": "python -m smoother_svc.noise measure ../shared/media/runner_1080p.mp4 "
-                          "../shared/media/street_720p.avi",
+            "regenerate": "per video: python -m tracker_svc track VIDEO --out VIDEO.npz --threads 1; then "
+                          "python -m smoother_svc.noise measure VIDEO.npz...",
         },
     )
 
@@ -338,30 +343,29 @@ def _runs(mask: np.ndarray) -> list[int]:
 # --- command line ---------------------------------------------------------------------------
 
 
-def track_video(path: Path, threads: int | None = None) -> PoseTrackSet:
-    """Raw tracker output for a video: tracker_svc's own pipeline, on the CPU, no smoothing."""
-    from tracker_svc.pipeline import PoseTracker  # the tracker is only needed for measuring
-
-    return PoseTracker(device="cpu", num_threads=threads).track_to_set(path)
+def read_tracks(paths: list[Path]) -> list[PoseTrackSet]:
+    """Raw tracker output, one .npz per video (mocap_common.trackio: what `python -m tracker_svc
+    track` and `mocap track` write), unsmoothed."""
+    return [load_track_set(path) for path in paths]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m smoother_svc.noise", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    measure = sub.add_parser("measure", help="track videos with tracker_svc and measure its noise")
-    measure.add_argument("videos", nargs="+", type=Path)
+    measure = sub.add_parser("measure", help="measure the tracker's noise in its raw tracks (.npz from "
+                                             "`python -m tracker_svc track VIDEO --out FILE.npz`)")
+    measure.add_argument("tracks", nargs="+", type=Path, help="one .npz of raw tracks per video")
     measure.add_argument("--out", type=Path, default=DEFAULT_MODEL_PATH)
-    measure.add_argument("--threads", type=int, default=1, help="torch CPU threads for tracking")
     sub.add_parser("show", help="print the shipped noise model")
     args = parser.parse_args(argv)
     if args.command == "show":
         print(load_noise_model().to_json())
         return 0
-    sets = [track_video(video, args.threads) for video in args.videos]
-    for video, track_set in zip(args.videos, sets):
-        print(f"{video.name}: {len(track_set.tracks)} track(s), {track_set.video.frame_count} frames "
+    sets = read_tracks(args.tracks)
+    for path, track_set in zip(args.tracks, sets):
+        print(f"{path.name}: {len(track_set.tracks)} track(s), {track_set.video.frame_count} frames "
               f"@ {track_set.video.fps:g} fps", file=sys.stderr)
-    model = measure_noise(sets, source="measured with tracker_svc (raw output) on " + ", ".join(v.name for v in args.videos))
+    model = measure_noise(sets, source="measured on tracker_svc's raw output for " + ", ".join(p.stem for p in args.tracks))
     args.out.write_text(model.to_json() + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

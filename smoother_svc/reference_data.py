@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mocap_common.bvh import cmu_landmarks, hip_centred, read_bvh
+from mocap_common.bvh import cmu_landmarks, find_bvh, hip_centred, read_bvh
 from mocap_common.poses import NUM_LANDMARKS, PoseTrack, PoseTrackSet, VideoInfo
 from smoother_svc.noise import NoiseModel, sample_noise
 
@@ -46,7 +46,7 @@ class ReferenceClip:
 
 def load_clip(mocap_dir: Path, name: str, fps: float = 30.0, phase: int = 0) -> ReferenceClip:
     """Clip `name` (e.g. "cmu_131_03") sampled at `fps`, starting `phase` source frames in."""
-    clip = read_bvh(mocap_dir / f"{name}.bvh")
+    clip = read_bvh(find_bvh(mocap_dir, name))
     landmarks = cmu_landmarks(clip)  # (F, 33, 3) camera axes, root motion kept
     source_times = np.arange(clip.frame_count) * clip.frame_time
     times = phase * clip.frame_time + np.arange(0.0, source_times[-1] - phase * clip.frame_time + 1e-9, 1.0 / fps)

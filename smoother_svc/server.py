@@ -36,6 +36,7 @@ from mocap_common.posecodec import (
 )
 from mocap_common.poses import PoseTrack, PoseTrackSet
 from mocap_common.server import MAX_MESSAGE_BYTES, ServiceHost
+from mocap_common.streams import draining
 from smoother_svc import presets
 from smoother_svc.checkpoints import CheckpointInfo, CheckpointStore
 from smoother_svc.config import SmootherConfig
@@ -110,13 +111,16 @@ class SmootherServicer(smoother_pb2_grpc.SmootherServiceServicer):
 
     async def SmoothStream(self, request_iterator: AsyncIterator[smoother_pb2.SmoothStreamRequest],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[smoother_pb2.SmoothStreamResponse]:
-        header, tracks = await self._receive_stream(request_iterator)
-        preset, method, max_gap = _decode_options(header.options, "header.options")
-        label, smoothed = await self._smooth(tracks, preset, method, max_gap)
-        for chunk in chunk_tracks([s.track for s in smoothed], DEFAULT_FRAMES_PER_CHUNK):
-            yield smoother_pb2.SmoothStreamResponse(poses=chunk)
-        yield smoother_pb2.SmoothStreamResponse(summary=smoother_pb2.SmoothSummary(
-            metrics=[_metrics_to_proto(s.metrics) for s in smoothed], method=label))
+        # A stream refused before the client half-closed (header missing or repeated, too many
+        # frames) is drained first, so the client gets that status rather than INTERNAL.
+        async with draining(request_iterator) as requests:
+            header, tracks = await self._receive_stream(requests)
+            preset, method, max_gap = _decode_options(header.options, "header.options")
+            label, smoothed = await self._smooth(tracks, preset, method, max_gap)
+            for chunk in chunk_tracks([s.track for s in smoothed], DEFAULT_FRAMES_PER_CHUNK):
+                yield smoother_pb2.SmoothStreamResponse(poses=chunk)
+            yield smoother_pb2.SmoothStreamResponse(summary=smoother_pb2.SmoothSummary(
+                metrics=[_metrics_to_proto(s.metrics) for s in smoothed], method=label))
 
     async def _receive_stream(self, requests: AsyncIterator[smoother_pb2.SmoothStreamRequest]
                               ) -> tuple[smoother_pb2.SmoothStreamHeader, list[PoseTrack]]:

@@ -15,11 +15,24 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
+# What ships with the product (a fresh clone has it): the demo clip and the smoother's training
+# motion (CMU clips, xz-compressed; `smoother_svc.reference_data.clip_path` finds them).
+RUNNER_MP4 = REPO / "mocap_common" / "demo" / "runner_1080p.mp4"
+MOCAP = REPO / "smoother_svc" / "training_motion"
+# The project's shared/ folder beside the checkout (CI has it; a fresh clone does not): tests that
+# need its media skip with a message when it is absent.
 SHARED = REPO.parent / "shared"
 MEDIA = SHARED / "media"
-MOCAP = SHARED / "mocap"
-RUNNER_MP4 = MEDIA / "runner_1080p.mp4"
 STREET_AVI = MEDIA / "street_720p.avi"
+
+
+def shared_file(path: Path) -> Path:
+    """`path` under ../shared, or a skip naming it when the folder is not beside the checkout."""
+    import pytest
+
+    if not path.is_file():
+        pytest.skip(f"needs {path.name} from the shared/ folder beside the repository ({path}); CI has it")
+    return path
 
 
 def free_port() -> int:
@@ -51,11 +64,15 @@ class ServiceProcess:
     """`python -m <module> --port P ...` as a child process in its own process group.
 
     Logs go to `log_path`; `stop()` sends SIGTERM (graceful), `kill()` SIGKILL to the group.
+    `launcher` replaces `python -m`: the command the module name and its arguments are appended
+    to (e.g. a `python -c BOOTSTRAP` that installs an import blocker before running the module).
     """
 
     def __init__(self, module: str, args: Sequence[str] = (), *, env: dict[str, str] | None = None,
-                 log_path: Path, port: int | None = None, ready_timeout_s: float = 60.0) -> None:
+                 log_path: Path, port: int | None = None, ready_timeout_s: float = 60.0,
+                 launcher: Sequence[str] = ()) -> None:
         self.module = module
+        self.launcher = list(launcher) or [sys.executable, "-m"]
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -67,7 +84,7 @@ class ServiceProcess:
     def start(self, wait: bool = True) -> "ServiceProcess":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.module, *self.args],
+            [*self.launcher, self.module, *self.args],
             cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()

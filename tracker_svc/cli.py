@@ -3,7 +3,8 @@
     python -m tracker_svc track VIDEO --out tracks.npz [--max-persons N] [--overlay out.mp4]
                                       [--device cpu|cuda] [--threads N] [--model-dir DIR]
 
-`run_track` is the function behind it (a future `mocap track` calls the same). Any other
+`run_track` is the function behind it; the user CLI's `mocap track` runs this command as a child
+process (the gateway never imports the tracker: its install has no torch). Any other
 `python -m tracker_svc ...` invocation (e.g. compose's `--host 0.0.0.0 --port 50052`) is handed to
 the gRPC server's `tracker_svc.server.main(argv)`, which lives in its own module.
 """
@@ -19,12 +20,13 @@ from pathlib import Path
 
 import torch
 
+from mocap_common.overlay import OverlayResult, write_overlay_video
 from mocap_common.poses import PoseTrackSet
+from mocap_common.trackio import save_track_set
 from tracker_svc.errors import TrackerError
 from tracker_svc.model_setup import model_paths
-from tracker_svc.overlay import render_overlay
 from tracker_svc.pipeline import PoseTracker, TrackerConfig
-from tracker_svc.trackio import save_track_set
+from tracker_svc.video import open_video
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ def run_track(
     video: Path | str, out: Path | str, *, max_persons: int | None = None, overlay: Path | str | None = None,
     device: str = "cpu", threads: int | None = None, model_dir: Path | str | None = None,
 ) -> TrackSummary:
-    """Tracks `video`, writes the PoseTrackSet to `out` (.npz, see tracker_svc.trackio), and the
+    """Tracks `video`, writes the PoseTrackSet to `out` (.npz, see mocap_common.trackio), and the
     overlay video when asked. Raises TrackerError subclasses (models missing, bad video, ...)."""
     config = TrackerConfig()
     if max_persons is not None:
@@ -75,6 +77,14 @@ def run_track(
     if overlay is not None:
         overlay_path = render_overlay(video, track_set, overlay).path
     return TrackSummary(track_set, seconds, out, overlay_path)
+
+
+def render_overlay(video: Path | str, track_set: PoseTrackSet, out_path: Path | str) -> OverlayResult:
+    """Decodes `video` again (with the tracker's own decoder, so frame indices match the tracks)
+    and writes it with `track_set` drawn on it."""
+    with open_video(video) as reader:
+        frames = (rgb for batch in reader.batches(8) for rgb in batch.rgb)
+        return write_overlay_video(frames, track_set, out_path, fps=reader.info.fps or None)
 
 
 def main(argv: list[str] | None = None) -> int:

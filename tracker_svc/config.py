@@ -31,4 +31,6 @@ class TrackerServiceConfig(ServiceConfig):
     torch_threads: int = setting(2, "torch intra-op CPU threads.")
     spool_dir: Path = setting(Path("data/tracker/spool"), "Parent of the per-call temporary directories used "
                                                           "when a container must be spooled (MP4 without "
-                                                          "faststart); each is removed when its call ends.")
+                                                          "faststart); each is removed when its call ends, "
+                                                          "and those a killed tracker left when the tracker "
+                                                          "starts (not those of a live one: each is locked).")

@@ -105,7 +105,7 @@ class PoseDetector:
         return results
 
     def detect_frame(self, frame: torch.Tensor, tiles: int) -> Detections:
-        """All persons in one frame: the whole frame plus `tiles` square tiles, merged by NMS."""
+        """All persons in one frame: the whole frame plus `tiles` (≤ MAX_TILES) square tiles, merged by NMS."""
         views = detection_views(frame.shape[1], frame.shape[0], tiles)
         found = self.detect(self.preprocess(frame, views), views)
         return merge_detections(found)
@@ -131,12 +131,27 @@ class PoseDetector:
         return weighted_nms(scores, boxes, frame_points[:, 2:], NMS_IOU)
 
 
+# The detector's work per frame is bounded: at most MAX_TILES tiles besides the whole frame, so a
+# hostile 16000×16 clip costs what a 32:9 one does (uncapped, ceil(aspect) + 1 gave it 1 001 model
+# inputs per detector run: minutes of tracker time and gigabytes of RSS). Five tiles of the short
+# side cover every frame up to 4:1 exactly as before (16:9 → 3, 21:9 → 4, 32:9 → 5 tiles).
+MAX_TILES = 5
+# The widest frame those tiles cover at full resolution (the tracker refuses wider ones by default).
+MAX_COVERED_ASPECT = float(MAX_TILES - 1)
+
+
 def detection_views(width: int, height: int, tiles: int) -> Rois:
-    """The letterboxed whole frame, then `tiles` squares of the short side spread along the long one."""
+    """The letterboxed whole frame, then `tiles` (at most MAX_TILES) squares spread along the long side.
+
+    The squares have the short side; past MAX_COVERED_ASPECT they grow to long side / 4 (the part
+    outside the frame is letterboxed black) so that the capped count still spans the whole frame
+    with the overlap a 4:1 frame gets. Up to 4:1 the views are exactly the uncapped ones.
+    """
     views = [letterbox_roi(width, height)]
+    tiles = min(tiles, MAX_TILES)
     if tiles > 0:
-        side = float(min(width, height))
         long_side = max(width, height)
+        side = max(float(min(width, height)), long_side / MAX_COVERED_ASPECT)
         starts = np.linspace(side / 2, long_side - side / 2, tiles)
         centers = np.stack([starts, np.full(tiles, height / 2)], 1) if width >= height \
             else np.stack([np.full(tiles, width / 2), starts], 1)
@@ -145,9 +160,10 @@ def detection_views(width: int, height: int, tiles: int) -> Rois:
 
 
 def auto_tiles(width: int, height: int) -> int:
-    """Tiles for a frame: none when nearly square, else enough overlapping squares to cover it."""
+    """Tiles for a frame: none when nearly square, else enough overlapping squares to cover it
+    (capped at MAX_TILES)."""
     aspect = max(width, height) / min(width, height)
-    return 0 if aspect < 1.2 else math.ceil(aspect) + 1
+    return 0 if aspect < 1.2 else min(math.ceil(aspect) + 1, MAX_TILES)
 
 
 def merge_detections(found: list[Detections]) -> Detections:

@@ -5,6 +5,7 @@
     ├── ModelSetupError           downloading / extracting the models failed
     ├── UnsupportedModelError     a .tflite graph uses an op or feature the interpreter does not port
     ├── VideoError                the input cannot be opened or decoded
+    │   └── AspectRatioError      its frames are wider (or taller) than the tracker covers
     └── TrackingCancelled         the caller's cancellation flag was set; work stopped between batches
 
 The gRPC server maps these to status codes in one place; nothing here knows about gRPC.
@@ -31,6 +32,16 @@ class UnsupportedModelError(TrackerError):
 
 class VideoError(TrackerError):
     """The video cannot be opened, has no video stream, or fails to decode."""
+
+
+class AspectRatioError(VideoError):
+    """The frames' long side exceeds `limit` times the short side (the detector cannot cover them)."""
+
+    def __init__(self, width: int, height: int, limit: float) -> None:
+        self.width, self.height, self.limit = width, height, limit
+        aspect = max(width, height) / min(width, height)
+        super().__init__(f"the frames are {width}×{height} (aspect ratio {aspect:.2f}:1); "
+                         f"the tracker accepts at most {limit:g}:1 either way")
 
 
 class TrackingCancelled(TrackerError):

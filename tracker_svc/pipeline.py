@@ -36,8 +36,8 @@ import torch
 
 from mocap_common.poses import PoseTrack, PoseTrackSet, VideoInfo
 from tracker_svc import _malloc
-from tracker_svc.detector import PoseDetector, auto_tiles
-from tracker_svc.errors import TrackingCancelled, TrackerError
+from tracker_svc.detector import MAX_COVERED_ASPECT, PoseDetector, auto_tiles
+from tracker_svc.errors import AspectRatioError, TrackingCancelled, TrackerError
 from tracker_svc.landmarks import LandmarkModel, LandmarkResult
 from tracker_svc.model_setup import ModelPaths, model_paths
 from tracker_svc.roi import Rois
@@ -53,11 +53,15 @@ class TrackerConfig:
     max_crops_per_call: int = 16  # landmark crops per model call (bounds activation memory)
     prefetch_batches: int = 2  # decoded batches waiting for inference
     detection_tiles: int | None = None  # square tiles searched besides the whole frame; None = auto
+    # Frames whose long side exceeds this × the short side are refused (None: any shape): past
+    # 4:1 the detector's capped tiles no longer see people at full resolution (detector.MAX_TILES).
+    max_aspect_ratio: float | None = MAX_COVERED_ASPECT
     refine_with_heatmap: bool = True  # MediaPipe's heatmap refinement of x, y
     recrop_shift: float = 0.12  # re-crop when the frame's own region centre is off by this × size
     recrop_scale: float = 0.15  # ... or its size differs by this fraction
     recrop_rotation_deg: float = 15.0  # ... or it turned by this much
     decode_threads: int = 0  # FFmpeg decoder threads (0 = FFmpeg's choice)
+    brighten_dark: bool = True  # scale up near-black frames before the models (video.DARK_LEVEL)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -165,7 +169,8 @@ class PoseTracker:
           the container allows, else spooled under `spool_dir`).
         cancel: when set, raises TrackingCancelled before the next model call or decoder wait.
         max_persons: overrides the configured number of people followed at once, for this video.
-        Raises VideoError, TrackingCancelled. Closing the generator early also stops the decoder,
+        Raises VideoError (AspectRatioError for frames beyond config.max_aspect_ratio),
+        TrackingCancelled. Closing the generator early also stops the decoder,
         removes spool files and frees device memory.
         """
         if not self._busy.acquire(blocking=False):
@@ -198,6 +203,7 @@ class PoseTracker:
         started = time.perf_counter()
         info = decoder.next_item(cancel)
         assert isinstance(info, VideoInfo)
+        check_aspect_ratio(info.width, info.height, self.config.max_aspect_ratio)
         yield VideoOpened(info)
         manager = TrackManager(tracking)
         stats = TrackStats()
@@ -207,6 +213,8 @@ class PoseTracker:
         frames_done, last_time = 0, 0.0
         while (batch := decoder.next_item(cancel)) is not None:
             assert isinstance(batch, FrameBatch)
+            for height, width in {frame.shape[:2] for frame in batch.rgb}:
+                check_aspect_ratio(width, height, self.config.max_aspect_ratio)  # the size may change mid-stream
             # inference_mode per batch, not across the yields: it is thread-local state that
             # would otherwise leak into the consumer's code while the generator is suspended.
             with torch.inference_mode():
@@ -220,6 +228,12 @@ class PoseTracker:
         duration = last_time + (1.0 / info.fps if info.fps else 0.0) if frames_done else 0.0
         stats.frames, stats.tracks = frames_done, manager.confirmed_count
         yield Finished(replace(info, frame_count=frames_done, duration_s=duration), stats)
+
+
+def check_aspect_ratio(width: int, height: int, limit: float | None) -> None:
+    """Raises AspectRatioError when one side exceeds `limit` × the other (an unknown size passes)."""
+    if limit is not None and width > 0 and height > 0 and max(width, height) > limit * min(width, height):
+        raise AspectRatioError(width, height, limit)
 
 
 def default_device() -> torch.device:
@@ -441,7 +455,7 @@ class _Decoder:
             with open_video(self.source, spool_dir=self.spool_dir, decode_threads=self.config.decode_threads) as reader:
                 if not self._put(reader.info):
                     return
-                for batch in reader.batches(self.config.batch_size):
+                for batch in reader.batches(self.config.batch_size, brighten_dark=self.config.brighten_dark):
                     if not self._put(batch):
                         return
             self._put(self._END)

@@ -29,6 +29,7 @@ from mocap_common.lease_client import LeaseLost
 from mocap_common.logs import bind_context, configure_logging, get_logger
 from mocap_common.posecodec import track_to_proto, video_to_proto
 from mocap_common.server import ServiceHost, run_main
+from mocap_common.streams import draining
 from tracker_svc.config import TrackerServiceConfig
 from tracker_svc.errors import ModelsMissingError, TrackerError, TrackingCancelled, VideoError
 from tracker_svc.model_setup import model_paths
@@ -47,23 +48,26 @@ class TrackerServicer(tracker_pb2_grpc.TrackerServiceServicer):
 
     async def Track(self, request_iterator: AsyncIterator[tracker_pb2.TrackRequest],
                     context: grpc.aio.ServicerContext) -> AsyncIterator[tracker_pb2.TrackResponse]:
-        requests = aiter(request_iterator)
-        header = await _read_header(requests)
-        if header.job:
-            bind_context(job=header.job)
-        job = TrackJob(
-            job=header.job,
-            max_persons=self._max_persons(header.max_persons),
-            frames_total=max(0, header.frame_count),
-            acquire_timeout_s=downstream_timeout(context),
-        )
-        try:
-            async for event in self.service.track(job, _video_bytes(requests)):
-                message = _encode(event)
-                if message is not None:
-                    yield message
-        except (TrackerError, LeaseLost) as error:
-            raise _service_error(error) from error
+        # Drained when the call ends early (a refused header or chunk, an undecodable video, a
+        # lost lease) after the lease is released and the spool removed: the client gets our
+        # status, not INTERNAL. Its reads also survive the feeder task being cancelled.
+        async with draining(request_iterator) as requests:
+            header = await _read_header(requests)
+            if header.job:
+                bind_context(job=header.job)
+            job = TrackJob(
+                job=header.job,
+                max_persons=self._max_persons(header.max_persons),
+                frames_total=max(0, header.frame_count),
+                acquire_timeout_s=downstream_timeout(context),
+            )
+            try:
+                async for event in self.service.track(job, _video_bytes(requests)):
+                    message = _encode(event)
+                    if message is not None:
+                        yield message
+            except (TrackerError, LeaseLost) as error:
+                raise _service_error(error) from error
 
     def _max_persons(self, value: int) -> int:
         if value == 0:

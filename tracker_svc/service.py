@@ -10,6 +10,12 @@
    in a worker thread (the container is decoded as bytes arrive, or spooled when it needs seeking);
 3. before the result is published, ValidateLease confirms the fencing token is still current.
 
+Frames wider or taller than the pipeline's max_aspect_ratio (4:1) are refused with
+INVALID_ARGUMENT / UNSUPPORTED_ASPECT_RATIO as soon as the first frame is decoded.
+
+Each call spools (when it must) inside its own locked directory under `spool_dir`, and the
+service removes what killed trackers left there when it starts, before SERVING (tracker_svc.spool).
+
 Every exit path (end, bad video, client cancel, lease loss, shutdown) stops the worker thread
 before the lease is released: cancellation sets the pipeline's cancel event and waits for the
 thread (the pipeline checks it before every model call, so this takes well under 2 s), the feed is
@@ -20,6 +26,7 @@ the pipeline's own `finally`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -31,9 +38,11 @@ from mocap_common.lease_client import LeaseLost, lease
 from mocap_common.logs import get_logger
 from mocap_common.poses import VideoInfo
 from mocap_common.background import EventRuns, run_stoppable_thread
-from tracker_svc.errors import TrackingCancelled
+from mocap_common.errors import FieldViolation, InvalidArgument
+from tracker_svc.errors import AspectRatioError, TrackingCancelled
 from tracker_svc.model_setup import ModelPaths
 from tracker_svc.pipeline import Finished, PoseTracker, Progress, TrackChunk, TrackerConfig, TrackerEvent, VideoOpened
+from tracker_svc.spool import call_spool_dir, sweep_spool
 from tracker_svc.video import ByteFeed
 
 log = get_logger(__name__)
@@ -89,6 +98,7 @@ class TrackingService:
     """Runs Track calls; keeps one loaded PoseTracker per device and call slot for reuse."""
 
     def __init__(self, settings: TrackingSettings, models: ModelPaths) -> None:
+        """Also removes the spool directories of dead trackers: this runs before the server starts."""
         self.settings = settings
         self.models = models
         self._slots = asyncio.Semaphore(settings.max_concurrent_calls)
@@ -96,6 +106,8 @@ class TrackingService:
         self._pool_lock = threading.Lock()
         self._runs: EventRuns[TrackingEvent] = EventRuns(
             lambda: TrackingCancelled("tracking stopped: the tracker is shutting down"))
+        removed = sweep_spool(settings.spool_dir)  # each removal is logged with its size
+        log.info("spool swept", spool_dir=str(settings.spool_dir), removed=len(removed))
 
     def load(self, device: str) -> None:
         """Loads (and keeps) a tracker for `device`: readiness means the models really load."""
@@ -155,7 +167,6 @@ class TrackingService:
                             emit: Callable[[TrackingEvent], None]) -> tuple[VideoInfo, int, float]:
         loop = asyncio.get_running_loop()
         feed = ByteFeed()
-        self.settings.spool_dir.mkdir(parents=True, exist_ok=True)
         feeder = asyncio.create_task(_feed_bytes(chunks, feed), name="track feeder")
 
         def publish(event: TrackingEvent) -> None:
@@ -164,8 +175,12 @@ class TrackingService:
         def work(stop: threading.Event) -> tuple[VideoInfo, int, float]:
             tracker = self._take_tracker(device)
             try:
-                return _drive(tracker.track(feed, cancel=stop, spool_dir=self.settings.spool_dir,
-                                            max_persons=request.max_persons), request, publish)
+                # closing(): the decoder (and its spool file) is gone before the call's directory.
+                with call_spool_dir(self.settings.spool_dir) as spool, contextlib.closing(tracker.track(
+                        feed, cancel=stop, spool_dir=spool, max_persons=request.max_persons)) as events:
+                    return _drive(events, request, publish)
+            except AspectRatioError as error:
+                raise _aspect_refusal(error) from error
             finally:
                 self._release_tracker(tracker)
 
@@ -188,6 +203,12 @@ class TrackingService:
     def _release_tracker(self, tracker: PoseTracker) -> None:
         with self._pool_lock:
             self._idle.setdefault(str(tracker.device), []).append(tracker)
+
+
+def _aspect_refusal(error: AspectRatioError) -> InvalidArgument:
+    """The status for frames the detector cannot cover (its own reason, not DECODE_FAILED)."""
+    return InvalidArgument(str(error), reason="UNSUPPORTED_ASPECT_RATIO", violations=[FieldViolation(
+        "chunk", f"width/height and height/width must be at most {error.limit:g}")])
 
 
 async def _feed_bytes(chunks: AsyncIterator[bytes], feed: ByteFeed) -> None:

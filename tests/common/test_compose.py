@@ -45,3 +45,32 @@ def test_health_checks_gpu_and_volumes():
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     assert "jobs" in compose["volumes"]
     assert any(v.startswith("jobs:") for v in services["gateway"]["volumes"])
+
+
+def test_smoother_trains_its_first_checkpoint_into_its_volume_at_start():
+    """The smoother's entrypoint trains the first checkpoint (a no-op when one exists) into the
+    directory the service serves from, on a named volume, then execs the service (PID 1 gets
+    SIGTERM); the health check's start period covers that first training."""
+    compose = _compose()
+    smoother = compose["services"]["smoother"]
+    shell, flag, script, _name = smoother["entrypoint"]
+    script = script.replace("$$", "$")  # compose's own interpolation escape
+    command = smoother["command"]
+    checkpoint_dir = command[command.index("--checkpoint-dir") + 1]
+    assert (shell, flag) == ("sh", "-c")
+    assert f"python -m smoother_svc.first_checkpoint --checkpoint-dir {checkpoint_dir} &&" in script
+    assert script.endswith('exec "$@"')
+    volume, target = smoother["volumes"][0].split(":")
+    assert volume in compose["volumes"] and checkpoint_dir.startswith(target.rstrip("/") + "/")
+    start_period = smoother["healthcheck"]["start_period"]
+    assert start_period.endswith("s") and int(start_period[:-1]) >= 120
+
+
+def test_each_image_installs_only_its_services_extra():
+    services = _compose()["services"]
+    extras = {"gateway": "gateway", "tracker": "tracker", "smoother": "smoother", "exporter": "exporter",
+              "resource": "resource"}
+    for name, extra in extras.items():
+        assert services[name]["build"]["args"]["EXTRAS"] == extra
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert '[${EXTRAS}]"' in dockerfile and "pip install -e" not in dockerfile

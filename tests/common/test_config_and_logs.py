@@ -23,6 +23,19 @@ class _ExampleConfig(ServiceConfig):
     formats: tuple[str, ...] = setting(("bvh", "fbx"), "Formats.")
     verbose: bool = setting(False, "Chatty.")
     shared_addr: str = setting("127.0.0.1:50055", "A shared address.", env="MOCAP_SHARED_ADDR")
+    secrets_file: Path | None = setting(None, "An optional file.")
+
+
+def test_paths_are_absolute_once_loaded_whatever_the_working_directory_becomes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(_ExampleConfig, ["--secrets-file", "conf/secrets.yaml"], env={})
+    assert config.data_dir == tmp_path / "data"  # the relative default, resolved at load time
+    assert config.secrets_file == tmp_path / "conf" / "secrets.yaml"
+    monkeypatch.chdir("/")
+    assert config.data_dir == tmp_path / "data"  # a later chdir changes nothing
+    assert load_config(_ExampleConfig, [], env={"MOCAP_EXAMPLE_SECRETS_FILE": ""}).secrets_file is None
+    assert load_config(_ExampleConfig, ["--data-dir", "~/x"], env={}).data_dir == Path.home() / "x"
+    assert _ExampleConfig(secrets_file="").secrets_file is None  # built directly, e.g. by a test
 
 
 def test_defaults_then_environment_then_flags():

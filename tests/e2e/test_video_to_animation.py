@@ -6,8 +6,6 @@ the Khronos glTF validator, PyAV)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,60 +17,11 @@ from bvh import Bvh
 
 from mocap.v1 import common_pb2
 from tests.exporter.conftest import blender_probe, validate_gltf
-from tests.support import REPO, RUNNER_MP4, STREET_AVI, free_port, wait_serving
+from tests.support import RUNNER_MP4, STREET_AVI, shared_file
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 MOCAP = Path(sys.executable).parent / "mocap"
-
-
-def _free_run(count: int) -> int:
-    import socket
-
-    for _ in range(100):
-        base = free_port()
-        ok = True
-        for port in range(base, base + count):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no run of free ports")
-
-
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory):
-    """The five services as `make run` starts them (launcher), with state in a temp dir."""
-    tmp = tmp_path_factory.mktemp("mesh")
-    base = _free_run(5)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MOCAP_")}
-    env.update(
-        PYTHONUNBUFFERED="1",
-        MOCAP_GATEWAY_DATA_DIR=str(tmp / "gateway"),
-        MOCAP_RESOURCE_DB_PATH=str(tmp / "resource" / "leases.sqlite3"),
-        MOCAP_TRACKER_SPOOL_DIR=str(tmp / "spool"),
-        MOCAP_EXPORTER_WORK_DIR=str(tmp / "exporter"),
-    )
-    log_dir = tmp / "logs"
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "mocap_common.launcher", "--base-port", str(base), "--log-dir", str(log_dir)],
-        cwd=REPO, env=env, stdout=open(tmp / "launcher.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    gateway = f"127.0.0.1:{base + 4}"
-    try:
-        wait_serving(gateway, timeout_s=300)
-        yield {"gateway": gateway, "env": env, "logs": log_dir, "data": tmp / "gateway"}
-    finally:
-        launcher.send_signal(signal.SIGTERM)
-        try:
-            launcher.wait(90)
-        except subprocess.TimeoutExpired:
-            os.killpg(launcher.pid, signal.SIGKILL)
-            launcher.wait()
 
 
 def _submit(mesh, video: Path, out: Path) -> subprocess.CompletedProcess:
@@ -130,7 +79,7 @@ def test_runner_becomes_bvh_fbx_glb_preview_and_quality_report(mesh, tmp_path):
 
 def test_street_gives_one_armature_per_person(mesh, tmp_path):
     out = tmp_path / "out"
-    _submit(mesh, STREET_AVI, out)
+    _submit(mesh, shared_file(STREET_AVI), out)
     bvh_files = sorted(out.glob("street_720p-person-*.bvh"))
     quality = json.loads((out / "street_720p-quality.json").read_text())
     people = len(quality["tracks"])

@@ -15,7 +15,7 @@ import pytest
 
 from exporter_svc.blender_child import K as BLENDER_FROM_BODY
 from exporter_svc.solve import SolvedTake, SolveOptions, TakeInput, solve_take
-from mocap_common.bvh import BvhClip, cmu_landmarks, hip_centred, read_bvh
+from mocap_common.bvh import BvhClip, cmu_landmarks, find_bvh, hip_centred, read_bvh
 from mocap_common.poses import PoseTrack, VideoInfo
 from tests.support import MOCAP, REPO, ServiceProcess
 
@@ -31,7 +31,7 @@ CMU_FPS = 120.0
 
 @functools.lru_cache(maxsize=None)
 def cmu_clip(name: str = "cmu_131_01") -> BvhClip:
-    return read_bvh(MOCAP / f"{name}.bvh")
+    return read_bvh(find_bvh(MOCAP, name))
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,7 +17,7 @@ from mocap_common.posecodec import chunk_tracks, video_to_proto
 from mocap_common.poses import PoseTrack, VideoInfo
 from mocap_common.rpc_errors import describe_rpc_error
 from tests.exporter.conftest import blender_probe, cmu_track, validate_gltf, video_info
-from tests.support import STREET_AVI, ServiceProcess
+from tests.support import STREET_AVI, ServiceProcess, shared_file
 
 MIB = 1024 * 1024
 
@@ -130,10 +130,10 @@ async def test_every_person_gets_an_armature_and_a_bvh(exporter_factory, tmp_pat
 
 
 async def test_preview_draws_each_person_over_the_video(exporter_factory, tmp_path):
-    from tracker_svc.overlay import track_color
+    from mocap_common.overlay import track_color
 
     service = exporter_factory()
-    video = STREET_AVI.read_bytes()
+    video = shared_file(STREET_AVI).read_bytes()
     with av.open(str(STREET_AVI)) as container:
         stream = container.streams.video[0]
         width, height, frames = stream.codec_context.width, stream.codec_context.height, stream.frames

@@ -7,13 +7,16 @@ from pathlib import Path
 
 import av
 import grpc
+import numpy as np
 import pytest
 
 from mocap.v1 import common_pb2, gateway_pb2
 from tests.gateway.helpers import Client, chunks, db_rows, header, job_dirs, rpc_error
+from tests.media_shapes import write_h264_mp4
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
-SIZE_LIMIT = 3 * 1024 * 1024  # runner_1080p.mp4 (2.0 MB) fits, 3 MiB + 1 does not
+SIZE_LIMIT = 5 * 1024 * 1024  # runner_1080p.mp4 (2.0 MB) and a 4 MiB + 1 chunk fit, 5 MiB + 1 does not
+CHUNK_LIMIT = 4 * 1024 * 1024  # the documented most bytes one UploadChunk may carry
 RID = "hostile-1"
 
 
@@ -38,6 +41,28 @@ def _faststart_cut(runner: bytes, tmp: Path) -> bytes:
                 packet.stream = stream
                 out.mux(packet)
     return dst.read_bytes()[:-3000]
+
+
+def _audio_only(tmp: Path) -> bytes:
+    """An .m4a: an MP4 container with one AAC stream and no picture."""
+    path = tmp / "voice.m4a"
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=48000)
+        for i in range(20):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 48000, i * 1024
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path.read_bytes()
+
+
+def _shape(tmp: Path, width: int, height: int, frames: int = 3) -> bytes:
+    return write_h264_mp4(tmp / f"shape-{width}x{height}.mp4", width, height, frames=frames).read_bytes()
+
+
+def _one_big_chunk(size: int) -> list[gateway_pb2.CreateJobRequest]:
+    data = bytes(size)
+    return [header(data, request_id=RID), gateway_pb2.CreateJobRequest(chunk=gateway_pb2.UploadChunk(offset=0, data=data))]
 
 
 def _cases(runner: bytes, tmp: Path) -> dict[str, tuple[list[gateway_pb2.CreateJobRequest], grpc.StatusCode, str, str | None]]:
@@ -95,6 +120,16 @@ def _cases(runner: bytes, tmp: Path) -> dict[str, tuple[list[gateway_pb2.CreateJ
                                         "UPLOAD_OFFSET_MISMATCH", None),
         "chunk at the wrong offset": ([header(runner), *chunks(runner)[1:]], grpc.StatusCode.FAILED_PRECONDITION,
                                       "UPLOAD_OFFSET_MISMATCH", None),
+        "chunk over the 4 MiB limit": (_one_big_chunk(CHUNK_LIMIT + 1), INVALID, "CHUNK_TOO_LARGE", "chunk.data"),
+        "audio only": (upload(_audio_only(tmp)), INVALID, "NOT_A_VIDEO", "chunk.data"),
+        "16000x16 sliver": (upload(_shape(tmp, 16000, 16)), INVALID, "UNSUPPORTED_ASPECT_RATIO", "chunk.data"),
+        "16x16000 sliver": (upload(_shape(tmp, 16, 16000)), INVALID, "UNSUPPORTED_ASPECT_RATIO", "chunk.data"),
+        "frames over the pixel limit": (upload(_shape(tmp, 4096, 2304, frames=1)), INVALID, "RESOLUTION_TOO_HIGH",
+                                        "chunk.data"),
+        "negative size": (bad_header(size=-5), INVALID, "INVALID_FIELD", "header.size_bytes"),
+        "negative resume offset": (bad_header(resume_offset=-1), INVALID, "INVALID_FIELD", "header.resume_offset"),
+        "request_id 129 characters": (bad_header(request_id="r" * 129), INVALID, "INVALID_FIELD", "header.request_id"),
+        "filename with newline": (bad_header(filename="run\nner.mp4"), INVALID, "INVALID_FIELD", "header.filename"),
     }
 
 
@@ -106,6 +141,8 @@ CASE_NAMES = [
     "filename with backslash", "empty filename", "unknown output format", "duplicate output format",
     "unknown smoothing preset", "unknown root motion", "too many persons", "negative persons", "malformed request_id",
     "resume without request_id", "resume of an unknown upload", "chunk at the wrong offset",
+    "chunk over the 4 MiB limit", "audio only", "16000x16 sliver", "16x16000 sliver", "frames over the pixel limit",
+    "negative size", "negative resume offset", "request_id 129 characters", "filename with newline",
 ]
 
 
@@ -118,6 +155,7 @@ async def hostile_client(start_gateway):
 
 def test_every_case_is_listed(runner_bytes, tmp_path):
     assert sorted(_cases(runner_bytes, tmp_path)) == sorted(CASE_NAMES)
+    assert len(CASE_NAMES) >= 40
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)

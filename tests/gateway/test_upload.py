@@ -9,7 +9,8 @@ import pytest
 
 from mocap.v1 import common_pb2, gateway_pb2
 from tests.gateway.helpers import Client, chunks, db_rows, header, job_dirs, rpc_error, sha256_of
-from tests.support import STREET_AVI
+from tests.media_shapes import write_h264_mp4
+from tests.support import STREET_AVI, shared_file
 
 
 async def test_runner_round_trips_byte_identical_and_is_probed(client, runner_bytes, data_dir):
@@ -29,7 +30,7 @@ async def test_runner_round_trips_byte_identical_and_is_probed(client, runner_by
 
 
 async def test_second_container_is_probed_too(client):
-    data = STREET_AVI.read_bytes()  # an MP4 named .avi: the probe, not the name, decides
+    data = shared_file(STREET_AVI).read_bytes()  # an MP4 named .avi: the probe, not the name, decides
     job = await client.upload(data, filename="street_720p.avi")
     assert (job.video.frame_count, job.video.width, job.video.height) == (205, 1280, 720)
     assert job.video.container.startswith("mov,mp4")
@@ -77,6 +78,20 @@ async def test_duplicate_of_a_failed_job_makes_a_new_job(start_gateway, stages, 
         assert (await client.wait(first.name)).state == common_pb2.JOB_STATE_FAILED
         second = await client.upload(runner_bytes)
     assert second.name != first.name
+
+
+async def test_duplicate_of_a_job_whose_artifacts_are_gone_makes_a_new_job(client, stages, runner_bytes, data_dir):
+    first = await client.upload(runner_bytes)
+    done = await client.wait(first.name)
+    assert done.state == common_pb2.JOB_STATE_SUCCEEDED and done.artifacts
+    artifacts_dir = data_dir / "jobs" / first.name.removeprefix("jobs/") / "artifacts"
+    (artifacts_dir / done.artifacts[0].name.rsplit("/", 1)[1]).unlink()  # e.g. a disk cleaned by hand
+
+    by_declared_sha = await client.upload(runner_bytes)  # answered from the header: must not be `first`
+    assert by_declared_sha.name != first.name
+    assert (await client.wait(by_declared_sha.name)).state == common_pb2.JOB_STATE_SUCCEEDED
+    again = await client.upload(runner_bytes, sha256="")  # found after hashing: the new, deliverable job
+    assert again.name == by_declared_sha.name
 
 
 async def _break_after(client: Client, messages: list[gateway_pb2.CreateJobRequest]) -> None:
@@ -195,6 +210,7 @@ async def test_uploads_are_refused_when_the_disk_is_short(start_gateway, runner_
 @pytest.mark.parametrize(("limit", "reason"), [
     ({"max_duration_s": 5.0}, "VIDEO_TOO_LONG"),
     ({"max_frame_pixels": 1280 * 720}, "RESOLUTION_TOO_HIGH"),
+    ({"max_aspect_ratio": 1.5}, "UNSUPPORTED_ASPECT_RATIO"),  # runner is 1920×1088 = 1.76:1
 ])
 async def test_video_limits(start_gateway, runner_bytes, data_dir, limit, reason):
     gateway = await start_gateway(**limit)
@@ -202,3 +218,21 @@ async def test_video_limits(start_gateway, runner_bytes, data_dir, limit, reason
         err = await rpc_error(client.upload(runner_bytes))
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.reason == reason and err.violations
     assert job_dirs(data_dir) == [] and db_rows(data_dir) == {"jobs": 0, "uploads": 0, "events": 0, "artifacts": 0}
+
+
+@pytest.mark.parametrize(("width", "height"), [(16000, 16), (16, 16000)])
+async def test_sliver_frames_are_refused_by_the_default_aspect_limit(client, tmp_path, data_dir, width, height):
+    """A 16000×16 clip is well under the pixel limit, yet it held the tracker for minutes."""
+    data = write_h264_mp4(tmp_path / "sliver.mp4", width, height).read_bytes()
+    err = await rpc_error(client.upload(data, filename="sliver.mp4"))
+    assert (err.code, err.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "UNSUPPORTED_ASPECT_RATIO"), str(err)
+    assert f"{width}×{height}" in err.message and "4:1" in err.message
+    assert [v.field for v in err.violations] == ["chunk.data"]
+    assert job_dirs(data_dir) == [] and db_rows(data_dir) == {"jobs": 0, "uploads": 0, "events": 0, "artifacts": 0}
+
+
+@pytest.mark.parametrize(("width", "height"), [(1280, 360), (360, 1280), (1024, 256)])  # 32:9 both ways, 4:1
+async def test_panoramas_pass_the_default_aspect_limit(client, tmp_path, width, height):
+    data = write_h264_mp4(tmp_path / "wide.mp4", width, height, frames=3).read_bytes()
+    job = await client.upload(data, filename="wide.mp4")
+    assert (job.video.width, job.video.height) == (width, height)

@@ -70,3 +70,20 @@ def test_measuring_needs_a_long_enough_segment():
     short = PoseTrackSet(VideoInfo(640, 480, 30.0, 30, 1.0), [make_track(np.arange(30) / 30.0)])
     with pytest.raises(ValueError):
         measure_noise([short])
+
+
+def test_measure_command_reads_the_trackers_npz_output(tmp_path):
+    """`python -m smoother_svc.noise measure` takes the tracker's raw tracks as .npz files (what
+    `python -m tracker_svc track --out` writes), so measuring needs no tracker in this install."""
+    from mocap_common.trackio import save_track_set
+    from smoother_svc.noise import main
+
+    sets = _noise_only_sets(replace(load_noise_model(), ar1=0.3))
+    paths = [tmp_path / f"video{k}.npz" for k in range(len(sets))]
+    for path, track_set in zip(paths, sets):
+        save_track_set(path, track_set)
+    out = tmp_path / "noise.json"
+    assert main(["measure", *map(str, paths), "--out", str(out)]) == 0
+    got = load_noise_model(out)
+    assert got.world_std_m == measure_noise(sets).world_std_m
+    assert "video0" in got.source and "video1" in got.source

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+from tests.support import shared_file
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-MEDIA_DIR = REPO_ROOT / ".." / "shared" / "media"
-RUNNER = MEDIA_DIR / "runner_1080p.mp4"
-STREET = MEDIA_DIR / "street_720p.avi"
+RUNNER = REPO_ROOT / "mocap_common" / "demo" / "runner_1080p.mp4"  # ships with the product
+STREET = REPO_ROOT.parent / "shared" / "media" / "street_720p.avi"  # ../shared only: skipped without it
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -34,9 +35,9 @@ def models() -> ModelPaths:
 
 
 def _media(path: Path) -> Path:
-    if not path.is_file():
-        pytest.fail(f"test media {path} is missing (expected the shared/ folder beside the repository)")
-    return path
+    if path == RUNNER and not path.is_file():
+        pytest.fail(f"the demo clip {path} that ships with the repository is missing")
+    return shared_file(path)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import pytest
 
 from tests.tracker.conftest import REPO_ROOT
 from tracker_svc.model_setup import ModelPaths
-from tracker_svc.trackio import load_track_set
+from mocap_common.trackio import load_track_set
 
 
 @pytest.mark.slow

@@ -14,7 +14,8 @@ import pytest
 
 from mocap.v1 import resource_pb2, resource_pb2_grpc, tracker_pb2, tracker_pb2_grpc
 from mocap_common.rpc_errors import describe_rpc_error
-from tests.support import RUNNER_MP4, STREET_AVI, ServiceProcess
+from tests.media_shapes import write_h264_mp4
+from tests.support import RUNNER_MP4, STREET_AVI, ServiceProcess, shared_file
 
 CHUNK = 256 * 1024
 
@@ -99,7 +100,7 @@ async def test_runner_streams_one_track_under_a_lease_that_is_released(tracker, 
 
 
 async def test_street_avi_decoded_while_streaming_gives_several_tracks(tracker):
-    data = STREET_AVI.read_bytes()
+    data = shared_file(STREET_AVI).read_bytes()
     ids: set[int] = set()
     async with grpc.aio.insecure_channel(tracker.address) as channel:
         stub = tracker_pb2_grpc.TrackerServiceStub(channel)
@@ -128,6 +129,26 @@ async def test_bad_input_is_invalid_argument_and_leaves_no_lease_or_spool(tracke
     assert not tracker.spool.exists() or list(tracker.spool.iterdir()) == []
 
 
+@pytest.mark.parametrize(("width", "height"), [(16000, 16), (16, 16000)])
+async def test_sliver_frames_are_refused_quickly(tracker, broker, tmp_path, width, height):
+    """A 1 s 16000×16 clip once held the tracker for minutes at 0.4 fps and 6 GB RSS (1 001
+    detector tiles per run), then invented a person; it is refused once its first frame is decoded."""
+    data = write_h264_mp4(tmp_path / "sliver.mp4", width, height).read_bytes()
+    started = time.monotonic()
+    async with grpc.aio.insecure_channel(tracker.address) as channel:
+        stub = tracker_pb2_grpc.TrackerServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stub.Track(_requests(data), timeout=60):
+                pass
+    elapsed = time.monotonic() - started
+    details = describe_rpc_error(caught.value)
+    assert (details.code, details.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "UNSUPPORTED_ASPECT_RATIO"), details
+    assert f"{width}×{height}" in details.message and [v.field for v in details.violations] == ["chunk"]
+    assert elapsed < 10, f"refused after {elapsed:.1f} s"
+    assert await _active_tracker_leases(broker) == []
+    assert not tracker.spool.exists() or list(tracker.spool.iterdir()) == []
+
+
 async def test_cancel_mid_video_releases_the_lease_within_two_seconds(tracker, broker):
     data = RUNNER_MP4.read_bytes()
     async with grpc.aio.insecure_channel(tracker.address) as channel:
@@ -152,7 +173,7 @@ async def test_lost_lease_aborts_the_call(tmp_path, broker):
     """The broker stops answering (frozen) past the lease's TTL: the tracker gives the lease up,
     stops its work and ends the call with ABORTED / LEASE_LOST."""
     tracker = _start_tracker(tmp_path, broker, "--lease-ttl-s", "2")
-    data = STREET_AVI.read_bytes()  # AVI decodes as bytes arrive, so progress comes before the pause
+    data = shared_file(STREET_AVI).read_bytes()  # AVI decodes as bytes arrive, so progress comes before the pause
     try:
         async with grpc.aio.insecure_channel(tracker.address) as channel:
             stub = tracker_pb2_grpc.TrackerServiceStub(channel)

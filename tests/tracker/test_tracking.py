@@ -6,7 +6,7 @@ import numpy as np
 
 from mocap_common.poses import PoseTrack, PoseTrackSet, VideoInfo
 from tracker_svc.roi import Rois
-from tracker_svc.trackio import load_track_set, save_track_set
+from mocap_common.trackio import load_track_set, save_track_set
 from tracker_svc.tracking import Observation, TrackingConfig, TrackManager, association_cost
 
 

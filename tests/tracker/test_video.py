@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -11,8 +12,10 @@ import av
 import numpy as np
 import pytest
 
+from mocap_common.poses import VideoInfo
+from tests.video_corpus import FFMPEG, X264, Clip, clip, make_clip, reference, require_tools
 from tracker_svc.errors import TrackingCancelled, VideoError
-from tracker_svc.video import ByteFeed, needs_seeking, open_video
+from tracker_svc.video import DARK_LEVEL, MAX_GAIN, ByteFeed, brightened, needs_seeking, open_video
 
 CHUNK = 64 << 10
 
@@ -198,3 +201,67 @@ def test_variable_frame_rate_uses_pts(street_path: Path, tmp_path: Path) -> None
     np.testing.assert_allclose(stamps, _pts_seconds(vfr))
     gaps = np.diff(stamps)
     assert gaps[-1] > 3 * gaps[0]  # really variable
+
+
+# ---- the videos people actually have (clips made with ffmpeg at test time: tests/video_corpus.py)
+
+SMALL_BFRAME_AVI = Clip("avi_h264_bframes", "bframes.avi",
+                        (("-i", "{src}", "-frames:v", "24", "-vf", "scale=320:-2", *X264, "-an", "{out}"),),
+                        slot_timed=True)
+
+
+def _stamps_and_shapes(source, spool_dir: Path | None = None) -> tuple[np.ndarray, set[tuple[int, ...]], VideoInfo]:
+    stamps, shapes = [], set()
+    with open_video(source, spool_dir=spool_dir) as reader:
+        for batch in reader.batches(8):
+            stamps.extend(batch.timestamp_s)
+            shapes.update(rgb.shape for rgb in batch.rgb)
+        return np.array(stamps), shapes, reader.info
+
+
+def test_avi_with_b_frames_has_presentation_timestamps(tmp_path: Path) -> None:
+    """AVI stores no pts; libavformat's invented ones come back reordered (0.033, 0.1, 0.133,
+    0.067, ...). The frames must take the AVI's frame slots in presentation order instead."""
+    path = make_clip(SMALL_BFRAME_AVI, require_tools(), tmp_path)
+    expected = reference(path, slot_timed=True).timestamps_s  # ffprobe: the chunks' dts, in order
+    from_file, _, _ = _stamps_and_shapes(path)
+    feed = ByteFeed(max_buffered=64 << 10)
+    producer = _feed_file(feed, path)
+    streamed, _, _ = _stamps_and_shapes(feed, spool_dir=tmp_path)  # AVI decodes while it arrives
+    producer.join(5)
+    for stamps in (from_file, streamed):
+        assert np.all(np.diff(stamps) > 0), stamps[:8]
+        np.testing.assert_allclose(stamps, expected, atol=1e-9)
+        np.testing.assert_allclose(stamps, np.arange(24) / 30, atol=1e-9)  # 30 fps, no gaps
+
+
+@pytest.mark.parametrize("rotation", [90, 180, 270])
+def test_phone_video_is_decoded_upright(rotation: int, tmp_path: Path) -> None:
+    """A picture coded sideways with a display matrix is tracked as shown: upright, 640×362,
+    pixel for pixel what ffmpeg's own autorotating decoder shows."""
+    phone = clip(f"phone_rotate_{rotation}")
+    path = make_clip(phone, require_tools(phone), tmp_path)
+    stamps, shapes, info = _stamps_and_shapes(path)
+    assert (info.width, info.height) == phone.upright_size == (640, 362)
+    assert shapes == {(362, 640, 3)} and len(stamps) == 45
+    with open_video(path) as reader:
+        ours = next(iter(reader.batches(1))).rgb[0].astype(np.int16)
+    shown = subprocess.run([FFMPEG, "-v", "error", "-i", str(path), "-frames:v", "1", "-f", "rawvideo", "-pix_fmt",
+                            "rgb24", "-"], capture_output=True, check=True).stdout
+    ffmpeg_view = np.frombuffer(shown, np.uint8).reshape(362, 640, 3).astype(np.int16)
+    assert np.abs(ours - ffmpeg_view).mean() < 2.0  # two FFmpeg versions' scalers: equal up to rounding
+
+
+def test_dark_frames_are_brightened_for_the_models_only(tmp_path: Path) -> None:
+    """A clip at RGB × 0.08 (99th percentile 19 of 255) is scaled up to DARK_LEVEL when asked;
+    bright frames are passed through untouched (the same array)."""
+    dark = clip("very_dark")
+    path = make_clip(dark, require_tools(dark), tmp_path)
+    with open_video(path) as reader:
+        as_is = next(iter(reader.batches(1))).rgb[0]
+    with open_video(path) as reader:
+        for_models = next(iter(reader.batches(1, brighten_dark=True))).rgb[0]
+    assert np.percentile(as_is, 99) < 25
+    assert np.percentile(for_models, 99) == pytest.approx(DARK_LEVEL, abs=MAX_GAIN)
+    bright = np.full((64, 64, 3), 200, np.uint8)
+    assert brightened(bright) is bright

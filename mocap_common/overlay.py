@@ -1,10 +1,12 @@
 """Skeleton overlays: draw PoseTracks over RGB frames and write them as an MP4.
 
-Depends only on numpy, PyAV and the pose data model (no models, no OpenCV), so the exporter can
-reuse it for preview videos:
+Shared by the tracker's debug command (`python -m tracker_svc track --overlay`) and the exporter's
+preview video, so both draw the same skeletons in the same colours. It lives here rather than in
+either service because services never import each other: each container installs only its own
+extra. Needs numpy and PyAV (in the tracker's and the exporter's extras; not in the base
+dependencies, so import this module only from a service that has PyAV), no models, no torch:
 
     write_overlay_video(frames, track_set, "preview.mp4")   # frames: iterable of (H, W, 3) uint8
-    render_overlay("input.mp4", track_set, "preview.mp4")   # decodes the input itself
 
 Each track id has its own colour from a fixed palette (the same id is the same colour in every
 video); bones are SKELETON_EDGES between landmarks whose visibility passes a threshold.
@@ -135,15 +137,6 @@ def write_overlay_video(
         if stream is not None:
             container.mux(stream.encode(None))
     return OverlayResult(out_path, written, codec)
-
-
-def render_overlay(video: Path | str, track_set: PoseTrackSet, out_path: Path | str) -> OverlayResult:
-    """Decodes `video` again and writes it with `track_set` drawn on it."""
-    from tracker_svc.video import open_video
-
-    with open_video(video) as reader:
-        frames = (rgb for batch in reader.batches(8) for rgb in batch.rgb)
-        return write_overlay_video(frames, track_set, out_path, fps=reader.info.fps or None)
 
 
 def preferred_codec() -> str:

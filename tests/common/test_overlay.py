@@ -8,7 +8,7 @@ import av
 import numpy as np
 
 from mocap_common.poses import PoseTrack, PoseTrackSet, VideoInfo
-from tracker_svc.overlay import draw_frame, track_color, write_overlay_video
+from mocap_common.overlay import draw_frame, track_color, write_overlay_video
 
 WIDTH, HEIGHT, FRAMES = 320, 240, 12
 

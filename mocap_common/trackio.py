@@ -1,4 +1,6 @@
-"""PoseTrackSet ⇄ .npz, the debug command's output format.
+"""PoseTrackSet ⇄ .npz, the tracker's debug-command output format (`python -m tracker_svc track
+--out FILE.npz`), read back by the smoother's noise measurement (`python -m smoother_svc.noise
+measure FILE.npz...`). Shared here because services never import each other.
 
 One compressed numpy archive (`np.savez_compressed`), plain arrays only (loads without pickle):
 
