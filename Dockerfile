@@ -15,9 +15,13 @@ COPY tracker_svc ./tracker_svc
 COPY smoother_svc ./smoother_svc
 COPY exporter_svc ./exporter_svc
 COPY resource_svc ./resource_svc
-RUN pip install --no-cache-dir grpcio-tools==1.85.1 \
+# The API imports google/api and google/rpc protos: protoc reads them from the googleapis-common-protos
+# wheel (the version pyproject.toml pins; the runtime imports its _pb2 modules), and generates no
+# Python for them.
+RUN pip install --no-cache-dir grpcio-tools==1.85.1 googleapis-common-protos==1.76.0 \
  && mkdir -p mocap/v1 \
- && python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/mocap/v1/*.proto \
+ && googleapis="$(python -c 'import os, google.api.field_behavior_pb2 as m; print(os.path.dirname(os.path.dirname(os.path.dirname(m.__file__))))')" \
+ && python -m grpc_tools.protoc -I"$googleapis" -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/mocap/v1/*.proto \
  && touch mocap/__init__.py mocap/v1/__init__.py \
  && pip wheel --no-cache-dir --no-deps . -w /wheels
 

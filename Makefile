@@ -9,6 +9,12 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/mocap/v1/*.proto)
 GEN    := mocap/v1/.generated
+# The directory holding google/api/*.proto and google/rpc/*.proto (imported by the API) as the
+# installed googleapis-common-protos wheel ships them beside the _pb2 modules the runtime imports.
+# protoc reads those; no Python is generated for them. (protos/google/ has copies for buf only.)
+GOOGLEAPIS_PROTOS = $(shell $(PY) -c 'import os, google.api.field_behavior_pb2 as m; print(os.path.dirname(os.path.dirname(os.path.dirname(m.__file__))))')
+# The last released API (commit f5ca0bb): `buf breaking` keeps every later change compatible with it.
+PROTOS_BASELINE := f5ca0bb9b246c6a21fef497035b7730d2683567b
 VIDEO  ?= mocap_common/demo/runner_1080p.mp4
 OUT    ?= out
 
@@ -31,7 +37,8 @@ protos: $(GEN) ## generate Python code from protos/ (never committed)
 
 $(GEN): $(PROTOS) $(STAMP)
 	mkdir -p mocap/v1
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	@test -n "$(GOOGLEAPIS_PROTOS)" || { echo "googleapis-common-protos is missing from $(VENV)" >&2; exit 1; }
+	$(PY) -m grpc_tools.protoc -I$(GOOGLEAPIS_PROTOS) -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 	touch mocap/__init__.py mocap/v1/__init__.py $@
 
 models: $(STAMP) ## download mediapipe's wheel and extract the checksummed BlazePose .tflite files
@@ -46,8 +53,16 @@ node_modules/.installed: package.json package-lock.json
 	npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
-lint-protos: node ## buf lint (STANDARD + COMMENTS rules)
+# Breaking changes are looked for against the release commit in this repository's own history
+# (a full clone has it; buf reads it from .git without the network).
+lint-protos: node ## buf lint (STANDARD + COMMENTS) and buf breaking (FILE rules) against the last release
 	npx --no-install buf lint
+	@if git cat-file -e '$(PROTOS_BASELINE)^{commit}' 2>/dev/null; then \
+	  echo "buf breaking against $(PROTOS_BASELINE)"; \
+	  npx --no-install buf breaking --against '.git#ref=$(PROTOS_BASELINE),subdir=protos'; \
+	else \
+	  echo "buf breaking skipped: the release $(PROTOS_BASELINE) is not in this clone's history (shallow clone?)"; \
+	fi
 
 lint: lint-protos ## all linters
 

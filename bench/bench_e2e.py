@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 
 from bench.common import write_result
-from gateway.cli import Connection, sha256_file, upload_video, watch_job
+from gateway.client import Connection, sha256_file, upload_video, watch_job
 from mocap.v1 import common_pb2, gateway_pb2
 from tests.support import REPO, RUNNER_MP4, STREET_AVI, free_port, wait_serving
 

@@ -20,7 +20,13 @@ log = get_logger("exporter_svc")
 async def main() -> None:
     config = load_config(ExporterConfig, sys.argv[1:])
     configure_logging(config.service_name, config.log_level, config.log_format)
-    host = ServiceHost(config)
+    async with ServiceHost(config) as host:
+        await build(config, host)
+        await host.serve_until_stopped()
+
+
+async def build(config: ExporterConfig, host: ServiceHost) -> None:
+    """The exporter on `host`, its work directory swept of what a dead exporter left."""
     exporter = Exporter(python=config.blender_interpreter(), blender_timeout_s=config.blender_timeout_s,
                         max_blender=config.max_concurrent_blender)
     servicer = ExporterServicer(exporter, config)
@@ -37,8 +43,6 @@ async def main() -> None:
     # here, before reporting SERVING, not in the first call that asks for a preview. It also
     # proves at start that the exporter's own extra is enough (services never import each other).
     import exporter_svc.preview  # noqa: F401, PLC0415
-    await host.set_serving()
-    await host.wait_for_termination()
 
 
 if __name__ == "__main__":

@@ -2,17 +2,18 @@
 progress, files (announcement + ≤ 1 MiB chunks, sha256 over the bytes sent) and the result.
 
 Everything the call writes lives in its own directory (`workspace.call_workspace`), removed when
-the call ends however it ends; errors are `ServiceError`s mapped by the shared interceptor. The
+the call ends however it ends. Errors: the export's domain raises ServiceError subclasses
+(`Unsolvable`, `BlenderTimeout`, `BlenderFailed`, `Cancelled`, intake's `InvalidArgument`), which
+pass `mapped_errors` unchanged; anything else ends the call INTERNAL with a fixed message
+(`EXPORTER_ERRORS` is the table for named errors that are not ServiceErrors: none today). The
 request stream is drained before the call ends (`mocap_common.streams.draining`, after the
 directory is gone), so a refused client gets its INVALID_ARGUMENT rather than INTERNAL.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from prometheus_client import Counter
@@ -22,9 +23,11 @@ from exporter_svc.export import ExportOutcome, Exporter, ProducedFile
 from exporter_svc.intake import IntakeLimits, read_export_request
 from exporter_svc.workspace import call_workspace
 from mocap.v1 import common_pb2, exporter_pb2, exporter_pb2_grpc
-from mocap_common.errors import Internal
+from mocap_common.background import EventRuns
+from mocap_common.errors import ErrorTable, Internal, Unavailable
+from mocap_common.files import sha256_and_size
 from mocap_common.logs import bound_context, get_logger
-from mocap_common.procs import finish_uncancellable
+from mocap_common.rpc_errors import mapped_errors
 from mocap_common.streams import draining
 
 log = get_logger(__name__)
@@ -32,6 +35,9 @@ log = get_logger(__name__)
 FILES_SENT = Counter("mocap_exporter_files_sent_total", "Files streamed back to callers, by kind.", ["kind"])
 
 CHUNK_BYTES = 1024 * 1024
+# Named domain errors that are not ServiceErrors already, and their statuses (see the module doc).
+EXPORTER_ERRORS: ErrorTable = {}
+
 KINDS = {"bvh": common_pb2.ARTIFACT_KIND_BVH, "fbx": common_pb2.ARTIFACT_KIND_FBX,
          "glb": common_pb2.ARTIFACT_KIND_GLB, "preview": common_pb2.ARTIFACT_KIND_PREVIEW}
 
@@ -42,28 +48,33 @@ class ExporterServicer(exporter_pb2_grpc.ExporterServiceServicer):
         self._config = config
         self._limits = IntakeLimits(max_video_bytes=config.max_video_bytes, max_pose_frames=config.max_pose_frames,
                                     max_tracks=config.max_tracks)
+        self._runs: EventRuns[tuple[str, float] | ExportOutcome] = EventRuns(
+            lambda: Unavailable("the export was stopped: the exporter is shutting down"))
 
     async def Export(self, request_iterator: AsyncIterator[exporter_pb2.ExportRequest],
                      context: grpc.aio.ServicerContext) -> AsyncIterator[exporter_pb2.ExportResponse]:
         # The workspace closes first: a drained refusal leaves no directory behind while it drains.
-        async with draining(request_iterator) as requests, call_workspace(self._config.work_dir) as workdir:
+        async with (draining(request_iterator) as requests, call_workspace(self._config.work_dir) as workdir,
+                    mapped_errors(EXPORTER_ERRORS)):
             job, options = await read_export_request(requests, workdir, self._limits)
             with bound_context(job=job.job, tracks=len(job.tracks)):
                 log.info("export started", formats=list(options.formats), preview=options.preview,
                          in_place=options.in_place, foot_locking=options.foot_locking)
-                events: asyncio.Queue[tuple[str, float]] = asyncio.Queue()
-                task = asyncio.ensure_future(self._exporter.export(
-                    job, options, workdir, progress=lambda step, f: events.put_nowait((step, f)),
-                    time_left_s=context.time_remaining))
-                try:
-                    async for step, fraction in _progress_until_done(task, events):
+
+                async def produce(emit: Callable[[tuple[str, float] | ExportOutcome], None]) -> None:
+                    emit(await self._exporter.export(job, options, workdir, progress=lambda step, f: emit((step, f)),
+                                                     time_left_s=context.time_remaining))
+
+                # The export runs in a task of its own; leaving this loop early (the caller went
+                # away, a send failed) cancels it and waits until it has stopped.
+                outcome: ExportOutcome | None = None
+                async for event in self._runs.stream(produce, f"export {job.job}"):
+                    if isinstance(event, ExportOutcome):
+                        outcome = event
+                    else:
+                        step, fraction = event
                         yield exporter_pb2.ExportResponse(progress=exporter_pb2.ExportProgress(step=step, fraction=fraction))
-                    outcome = task.result()
-                finally:
-                    if not task.done():  # cancelled or failed while streaming: stop the export first
-                        task.cancel()
-                        with contextlib.suppress(BaseException):
-                            await finish_uncancellable(asyncio.wait({task}))
+                assert outcome is not None  # the stream ends only after the export returned
                 for produced in outcome.files:
                     async for message in _file_messages(produced):
                         yield message
@@ -74,30 +85,9 @@ class ExporterServicer(exporter_pb2_grpc.ExporterServiceServicer):
                          **{k: round(v, 3) for k, v in outcome.timings.items()})
 
 
-async def _progress_until_done(task: asyncio.Future[ExportOutcome],
-                               events: asyncio.Queue[tuple[str, float]]) -> AsyncIterator[tuple[str, float]]:
-    """Yields progress events while the export runs, then any left over."""
-    while not task.done():
-        getter = asyncio.ensure_future(events.get())
-        try:
-            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not getter.done():
-                getter.cancel()
-        if getter.done() and not getter.cancelled():
-            yield getter.result()
-    while not events.empty():
-        yield events.get_nowait()
-
-
 async def _file_messages(produced: ProducedFile) -> AsyncIterator[exporter_pb2.ExportResponse]:
     """The announcement, then the chunks; the announced sha256 is checked against what was sent."""
-    data_hash = hashlib.sha256()
-    size = produced.path.stat().st_size
-    with open(produced.path, "rb") as handle:
-        while chunk := handle.read(CHUNK_BYTES):
-            data_hash.update(chunk)
-    announced = data_hash.hexdigest()
+    announced, size = sha256_and_size(produced.path, CHUNK_BYTES)
     yield exporter_pb2.ExportResponse(file=exporter_pb2.ExportedFile(
         filename=produced.filename, kind=KINDS[produced.kind], track_id=produced.track_id,
         size_bytes=size, sha256=announced, media_type=produced.media_type))

@@ -14,11 +14,16 @@ drives the tracker, smoother and exporter services, and cleans up after crashes 
     store         JobStore interface + SQLite (WAL) implementation
     events        persisted job events and their watchers
     orchestrator  the queue and workers
-    pipeline      one job through Track → Smooth → Export
+    pipeline      one job through Track → Smooth → Export: deadlines, retries, terminal states
+    stage_api     the Stages interface the pipeline drives, its outputs and errors
     stages        the stage services over gRPC
+    artifacts     the job's artifacts/: the exporter's files checked and stored, the gateway's own
+    quality       the quality report merged from the stages' figures
+    messages      stage messages made safe to show a client
     retention     startup sweep and periodic cleanup
     tenancy       bearer token → tenant
     layout        the files of a job
     jobs          ids, names, records, options
-    cli           the `mocap` command
+    client        the Python client library: connection, resumable upload, watch, checked download
+    cli           the `mocap` command: arguments and the terminal UI
 """

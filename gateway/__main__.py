@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from gateway.app import Gateway
+from gateway.app import build, new_host
 from gateway.config import GatewayConfig
 from mocap_common.config import load_config
 from mocap_common.logs import configure_logging
@@ -13,9 +13,10 @@ from mocap_common.server import run_main
 
 async def main() -> None:
     config = load_config(GatewayConfig, sys.argv[1:])
-    configure_logging("gateway", config.log_level, config.log_format)
-    gateway = await Gateway.start(config)
-    await gateway.serve_until_signalled()
+    configure_logging(config.service_name, config.log_level, config.log_format)
+    async with new_host(config) as host:
+        await build(config, host)
+        await host.serve_until_stopped()
 
 
 if __name__ == "__main__":

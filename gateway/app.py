@@ -1,17 +1,19 @@
 """The gateway assembled: store, event hub, uploads, pipeline, orchestrator, retention and the
-gRPC server, started in order and stopped in reverse.
+gRPC server, started in order and stopped in reverse by its `ServiceHost` (`build`).
 
     start: open the store → startup sweep → listen (NOT_SERVING) → queue jobs, start workers and
            retention → SERVING
     stop:  end watch streams → stop accepting calls, drain in-flight ones (grace period) →
            retention → running jobs end FAILED (INTERRUPTED) → uploads settle (kept for resume)
            → stage channels → store
+
+`python -m gateway` runs it (gateway/__main__.py); `Gateway.start(config)` runs the same
+assembly in another program's event loop (the tests).
 """
 
 from __future__ import annotations
 
-import asyncio
-import signal
+import contextlib
 
 from gateway.config import GatewayConfig
 from gateway.events import EventHub
@@ -45,13 +47,45 @@ def stage_policy(config: GatewayConfig) -> StagePolicy:
     )
 
 
-class Gateway:
-    """A running gateway. `await Gateway.start(config)`, then `await gateway.stop()`."""
+def new_host(config: GatewayConfig, handle_signals: bool = True) -> ServiceHost:
+    # Above the documented chunk limit, so an oversized chunk reaches CreateJob and is refused
+    # with CHUNK_TOO_LARGE instead of gRPC's bare RESOURCE_EXHAUSTED (gateway.uploads).
+    return ServiceHost(config, max_receive_message_bytes=TRANSPORT_RECEIVE_LIMIT_BYTES, handle_signals=handle_signals)
 
-    def __init__(self, config: GatewayConfig, host: ServiceHost, hub: EventHub) -> None:
+
+async def build(config: GatewayConfig, host: ServiceHost) -> None:
+    """Assembles the gateway on `host` and starts its workers; SystemExit for a bad tokens file."""
+    tenancy = Tenancy.from_file(config.tokens_file)  # refused before anything is opened
+    hub = EventHub()
+    store = SqliteJobStore(config.db_path, job_retention_s=config.job_retention_s, on_event=hub.notify)
+    host.on_release(store.close, "job-store")
+    host.on_stopping(hub.close, "watch-streams")  # watchers are told to reconnect, not held for the grace
+    stages = GrpcStages(config)
+    host.on_release(stages.close, "stage-channels")
+    orchestrator = Orchestrator(store, config.max_running_jobs)
+    pipeline = Pipeline(store, stages, config.jobs_dir, stage_policy(config), orchestrator.cancelled_as)
+    uploads = Uploads(config, store, orchestrator.enqueue)
+    host.on_release(uploads.drain, "uploads")
+    retention = Retention(config, store, uploads.is_live)
+    retention.startup_sweep()
+    host.on_release(orchestrator.stop, "running-jobs")
+    host.on_release(retention.stop, "retention")
+    service = JobService(store, hub, uploads, orchestrator, config.jobs_dir)
+    host.add_servicer(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, GatewayServicer(service, tenancy),
+                      gateway_pb2, "GatewayService")
+    await host.start()
+    orchestrator.start(pipeline)
+    retention.start()
+    log.info("gateway ready", data_dir=str(config.data_dir), open_mode=tenancy.open_mode)
+
+
+class Gateway:
+    """A gateway inside another program's event loop: `await Gateway.start(config)`, then
+    `await gateway.stop()`. It takes no signals; `python -m gateway` is the process's own."""
+
+    def __init__(self, config: GatewayConfig, host: ServiceHost) -> None:
         self.config = config
         self.host = host
-        self._hub = hub
 
     @property
     def port(self) -> int:
@@ -59,47 +93,14 @@ class Gateway:
 
     @classmethod
     async def start(cls, config: GatewayConfig) -> "Gateway":
-        tenancy = Tenancy.from_file(config.tokens_file)
-        hub = EventHub()
-        store = SqliteJobStore(config.db_path, job_retention_s=config.job_retention_s, on_event=hub.notify)
-        # Above the documented chunk limit, so an oversized chunk reaches CreateJob and is refused
-        # with CHUNK_TOO_LARGE instead of gRPC's bare RESOURCE_EXHAUSTED (gateway.uploads).
-        host = ServiceHost(config, max_receive_message_bytes=TRANSPORT_RECEIVE_LIMIT_BYTES)
-        host.on_shutdown(store.close, "job-store")
-        try:
-            stages = GrpcStages(config)
-            host.on_shutdown(stages.close, "stage-channels")
-            orchestrator = Orchestrator(store, config.max_running_jobs)
-            pipeline = Pipeline(store, stages, config.jobs_dir, stage_policy(config), orchestrator.cancelled_as)
-            uploads = Uploads(config, store, orchestrator.enqueue)
-            host.on_shutdown(uploads.drain, "uploads")
-            retention = Retention(config, store, uploads.is_live)
-            retention.startup_sweep()
-            host.on_shutdown(orchestrator.stop, "running-jobs")
-            host.on_shutdown(retention.stop, "retention")
-            service = JobService(store, hub, uploads, orchestrator, config.jobs_dir)
-            host.add_servicer(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, GatewayServicer(service, tenancy),
-                              gateway_pb2, "GatewayService")
-            await host.start()
-            orchestrator.start(pipeline)
-            retention.start()
-        except BaseException:
-            await host.stop(0)
-            raise
-        await host.set_serving()
-        log.info("gateway ready", data_dir=str(config.data_dir), open_mode=tenancy.open_mode)
-        return cls(config, host, hub)
+        """Builds and serves a gateway; what a failed start opened is released before it raises."""
+        async with contextlib.AsyncExitStack() as until_started:
+            host = await until_started.enter_async_context(new_host(config, handle_signals=False))
+            await build(config, host)
+            await host.set_serving()
+            until_started.pop_all()  # running: stop() releases it from here
+        return cls(config, host)
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop: watchers are told to reconnect, in-flight calls drain, everything is released."""
-        self._hub.close()
         await self.host.stop(grace)
-
-    async def serve_until_signalled(self) -> None:
-        """Serves until SIGTERM or SIGINT, then stops gracefully."""
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopping.set)
-        await stopping.wait()
-        await self.stop()

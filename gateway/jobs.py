@@ -19,7 +19,19 @@ from dataclasses import dataclass, replace
 from google.protobuf import timestamp_pb2
 
 from mocap.v1 import common_pb2
-from mocap_common.errors import FieldViolation, InvalidArgument
+from mocap_common.errors import (
+    Aborted,
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    FieldViolation,
+    Internal,
+    InvalidArgument,
+    ServiceError,
+    Unavailable,
+    status_proto,
+)
+from mocap_common.limits import MAX_PERSONS_LIMIT
 
 JobState = common_pb2.JobState
 JobStage = common_pb2.JobStage
@@ -46,7 +58,6 @@ _ARTIFACT_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}$")
 
 DEFAULT_FORMATS = (common_pb2.OUTPUT_FORMAT_BVH, common_pb2.OUTPUT_FORMAT_FBX, common_pb2.OUTPUT_FORMAT_GLB)
 DEFAULT_MAX_PERSONS = 4
-MAX_PERSONS_LIMIT = 16
 
 
 def new_job_id() -> str:
@@ -66,6 +77,10 @@ def artifact_name(job_id: str, artifact_id: str) -> str:
     return f"jobs/{job_id}/artifacts/{artifact_id}"
 
 
+def upload_name(upload_id: str) -> str:
+    return f"uploads/{upload_id}"
+
+
 def parse_job_name(name: str, field_path: str = "name") -> str:
     """The job id in "jobs/{job}"; INVALID_ARGUMENT when malformed."""
     job_id = name[len("jobs/"):] if name.startswith("jobs/") else ""
@@ -73,6 +88,15 @@ def parse_job_name(name: str, field_path: str = "name") -> str:
         raise InvalidArgument(f"{field_path} must look like \"jobs/j-…\"",
                               violations=[FieldViolation(field_path, "must be a job resource name \"jobs/{job}\"")])
     return job_id
+
+
+def parse_upload_name(name: str, field_path: str = "name") -> str:
+    """The upload id in "uploads/{upload}"; INVALID_ARGUMENT when malformed."""
+    upload_id = name[len("uploads/"):] if name.startswith("uploads/") else ""
+    if not _ID_RE.match(upload_id):
+        raise InvalidArgument(f"{field_path} must look like \"uploads/j-…\"",
+                              violations=[FieldViolation(field_path, "must be an upload resource name \"uploads/{upload}\"")])
+    return upload_id
 
 
 def parse_artifact_name(name: str, field_path: str = "name") -> tuple[str, str]:
@@ -137,6 +161,27 @@ class JobError:
     reason: str  # an ErrorReason name without prefix, e.g. "STAGE_UNAVAILABLE"
     message: str
     stage: int = common_pb2.JOB_STAGE_UNSPECIFIED
+
+
+# The status code each JobError reason stands for in JobError.status (documented there, in
+# common.proto): a job that failed reads like a call that failed. Any other reason — STAGE_FAILED,
+# whose stage's own code is not kept — is UNKNOWN (a plain ServiceError).
+_JOB_ERROR_CODES: dict[str, type[ServiceError]] = {
+    "STAGE_UNAVAILABLE": Unavailable,
+    "STAGE_TIMEOUT": DeadlineExceeded,
+    "INTERRUPTED": Aborted,
+    "CANCELLED": Cancelled,
+    "NO_PERSON": FailedPrecondition,
+    "INTERNAL": Internal,
+}
+_STAGE_PREFIX = "JOB_STAGE_"
+
+
+def job_error_proto(error: JobError) -> common_pb2.JobError:
+    """The wire JobError, with its google.rpc.Status (code, message, ErrorInfo reason + stage)."""
+    metadata = {"stage": common_pb2.JobStage.Name(error.stage).removeprefix(_STAGE_PREFIX)} if error.stage else None
+    status = _JOB_ERROR_CODES.get(error.reason, ServiceError)(error.message, reason=error.reason, metadata=metadata)
+    return common_pb2.JobError(reason=error.reason, message=error.message, stage=error.stage, status=status_proto(status))
 
 
 def interrupted(stage: int = common_pb2.JOB_STAGE_UNSPECIFIED) -> JobError:
@@ -245,7 +290,7 @@ def to_proto(job: JobRecord) -> common_pb2.Job:
         expire_time=timestamp(job.expire_us),
     )
     if job.error is not None:
-        msg.error.CopyFrom(common_pb2.JobError(reason=job.error.reason, message=job.error.message, stage=job.error.stage))
+        msg.error.CopyFrom(job_error_proto(job.error))
     if job.quality is not None and job.state == SUCCEEDED:
         msg.quality.CopyFrom(job.quality)
     return msg

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf import empty_pb2
 
-from gateway.jobs import UploadRecord, job_name, timestamp, to_proto
+from gateway.jobs import UploadRecord, job_name, timestamp, to_proto, upload_name
 from gateway.service import JobService
 from gateway.tenancy import Tenancy
 from mocap.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -47,7 +47,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return to_proto(job)
 
     async def GetUpload(self, request: gateway_pb2.GetUploadRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.Upload:
-        return _upload_proto(self._service.get_upload(self._tenant(context), request.request_id))
+        return _upload_proto(self._service.get_upload(self._tenant(context), request.request_id, request.name))
 
     async def GetJob(self, request: gateway_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> common_pb2.Job:
         return to_proto(self._service.get_job(self._tenant(context), request.name))
@@ -75,10 +75,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
 
 def _upload_proto(upload: UploadRecord) -> gateway_pb2.Upload:
+    name = upload_name(upload.upload_id)
     if upload.complete:
-        return gateway_pb2.Upload(request_id=upload.request_id, state=gateway_pb2.UPLOAD_STATE_COMPLETE,
+        return gateway_pb2.Upload(name=name, request_id=upload.request_id, state=gateway_pb2.UPLOAD_STATE_COMPLETE,
                                   committed_bytes=upload.size_bytes, size_bytes=upload.size_bytes,
                                   job=job_name(upload.job_id))
-    return gateway_pb2.Upload(request_id=upload.request_id, state=gateway_pb2.UPLOAD_STATE_ACTIVE,
+    return gateway_pb2.Upload(name=name, request_id=upload.request_id, state=gateway_pb2.UPLOAD_STATE_ACTIVE,
                               committed_bytes=upload.committed_bytes, size_bytes=upload.size_bytes,
                               expire_time=timestamp(upload.expire_us))

@@ -50,8 +50,8 @@ class JobService:
                          settle_short_end: Callable[[], Awaitable[None]]) -> JobRecord:
         return await self._uploads.create_job(tenant, requests, settle_short_end)
 
-    def get_upload(self, tenant: str, request_id: str) -> UploadRecord:
-        return self._uploads.get(tenant, request_id)
+    def get_upload(self, tenant: str, request_id: str, name: str = "") -> UploadRecord:
+        return self._uploads.get(tenant, request_id, name)
 
     def get_job(self, tenant: str, name: str, field_path: str = "name") -> JobRecord:
         job_id = parse_job_name(name, field_path)

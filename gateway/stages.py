@@ -1,4 +1,4 @@
-"""The stage services over gRPC: the `Stages` the pipeline drives.
+"""The stage services over gRPC: the `Stages` (gateway.stage_api) the pipeline drives.
 
 Track streams the input video in 1 MiB chunks and assembles the returned pose chunks; Smooth is
 one unary call when the tracks are small enough, else a stream; Export streams the tracks (and
@@ -21,14 +21,14 @@ import grpc
 
 from gateway.config import GatewayConfig
 from gateway.jobs import JobRecord
-from gateway.pipeline import (
+from gateway.artifacts import name_stem
+from gateway.stage_api import (
     ExportOutput,
     FileSink,
     ProgressCallback,
     SmoothOutput,
     StageCallError,
     TrackOutput,
-    name_stem,
 )
 from mocap.v1 import exporter_pb2, exporter_pb2_grpc, smoother_pb2, smoother_pb2_grpc, tracker_pb2, tracker_pb2_grpc
 from mocap_common.channels import open_channel
@@ -89,7 +89,8 @@ class GrpcStages:
         if result is None:
             raise StageCallError("failed", "the tracker ended its stream without a result", responded=True)
         video_info = video_from_proto(result.video if result.HasField("video") else job.video)
-        return TrackOutput(PoseTrackSet(video=video_info, tracks=assembler.tracks()))
+        return TrackOutput(PoseTrackSet(video=video_info, tracks=assembler.tracks()),
+                           undecodable_frames=max(0, result.undecodable_frames))
 
     # Smooth ------------------------------------------------------------------------------------
 

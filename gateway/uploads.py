@@ -50,6 +50,7 @@ from gateway.jobs import (
     now_us,
     options_key,
     parse_artifact_name,
+    parse_upload_name,
 )
 from gateway.layout import JobDir
 from gateway.probe import ProbeError, probe_video
@@ -66,6 +67,7 @@ from mocap_common.errors import (
     ServiceError,
 )
 from mocap_common.files import fsync_dir
+from mocap_common.limits import REQUEST_ID_RULE, is_valid_request_id
 from mocap_common.logs import get_logger
 from mocap_common.procs import finish_uncancellable
 
@@ -86,7 +88,6 @@ TRANSPORT_RECEIVE_LIMIT_BYTES = 128 * 1024 * 1024 + 64 * 1024
 # than MAX_CHUNK_BYTES + this is refused before its data is copied out of the message.
 _CHUNK_FRAMING_BYTES = 32
 MAX_FILENAME_CHARS = 255
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 TOO_MANY_JOBS_RETRY_S = 30.0
 NO_STORAGE_RETRY_S = 60.0
@@ -120,8 +121,8 @@ def validate_header(header: gateway_pb2.UploadHeader, max_upload_bytes: int) -> 
     sha = header.sha256.lower()
     if sha and not _SHA256_RE.match(sha):
         violations.append(FieldViolation("header.sha256", "must be 64 hex characters"))
-    if header.request_id and not _REQUEST_ID_RE.match(header.request_id):
-        violations.append(FieldViolation("header.request_id", "must be 1..128 characters of [A-Za-z0-9._:-]"))
+    if header.request_id and not is_valid_request_id(header.request_id):
+        violations.append(FieldViolation("header.request_id", REQUEST_ID_RULE))
     if header.resume_offset < 0:
         violations.append(FieldViolation("header.resume_offset", "must be >= 0"))
     elif header.resume_offset and not header.request_id:
@@ -140,9 +141,8 @@ def validate_header(header: gateway_pb2.UploadHeader, max_upload_bytes: int) -> 
 
 
 def validate_request_id(request_id: str, field_path: str = "request_id") -> str:
-    if not _REQUEST_ID_RE.match(request_id):
-        raise InvalidArgument("invalid request_id",
-                              violations=[FieldViolation(field_path, "must be 1..128 characters of [A-Za-z0-9._:-]")])
+    if not is_valid_request_id(request_id):
+        raise InvalidArgument("invalid request_id", violations=[FieldViolation(field_path, REQUEST_ID_RULE)])
     return request_id
 
 
@@ -284,7 +284,20 @@ class Uploads:
 
     # GetUpload ---------------------------------------------------------------------------------
 
-    def get(self, tenant: str, request_id: str) -> UploadRecord:
+    def get(self, tenant: str, request_id: str = "", name: str = "") -> UploadRecord:
+        """The tenant's upload by the request_id it was started with, or by its resource name
+        ("uploads/{upload}"): exactly one of the two. Another tenant's upload is not found."""
+        if request_id and name:
+            raise InvalidArgument("set request_id or name, not both",
+                                  violations=[FieldViolation("name", "must be empty when request_id is set")])
+        if name:
+            upload = self._store.get_upload(parse_upload_name(name))
+            if upload is None or upload.tenant != tenant:
+                raise NotFound(f"upload {name} not found")
+            return upload
+        if not request_id:
+            raise InvalidArgument("set request_id or name",
+                                  violations=[FieldViolation("request_id", "set it (or name) to say which upload")])
         upload = self._store.find_upload(tenant, validate_request_id(request_id))
         if upload is None:
             raise NotFound(f"no upload with request_id {request_id!r}")

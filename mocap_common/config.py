@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from mocap_common.services import SERVICES
+
 T = TypeVar("T", bound="ServiceConfig")
 
 # Where the service packages live (a checkout or site-packages): defaults that point at files
@@ -176,19 +178,9 @@ def _convert(kind: Any, raw: str) -> Any:
     return kind(raw)
 
 
-SERVICE_CONFIGS = (
-    ("gateway.config", "GatewayConfig"),
-    ("tracker_svc.config", "TrackerServiceConfig"),
-    ("smoother_svc.config", "SmootherConfig"),
-    ("exporter_svc.config", "ExporterConfig"),
-    ("resource_svc.config", "ResourceConfig"),
-)
-
-
 def configuration_reference() -> str:
-    """docs/configuration.md: every option of every service, generated from the config classes."""
-    import importlib
-
+    """docs/configuration.md: every option of every service (`mocap_common.services`, in port
+    order: the public gateway first), generated from the config classes."""
     lines = [
         "# Configuration reference",
         "",
@@ -197,9 +189,9 @@ def configuration_reference() -> str:
         "A relative path (the defaults under `data/` included) is made absolute once, at startup, against",
         "the working directory the service was started from; `~` is expanded.",
     ]
-    for module_name, class_name in SERVICE_CONFIGS:
-        cls = getattr(importlib.import_module(module_name), class_name)
-        lines += ["", f"## {cls.service_name} (`python -m {module_name.split('.')[0]}`)", "",
+    for spec in sorted(SERVICES, key=lambda spec: spec.port):
+        cls = spec.load_config_class()
+        lines += ["", f"## {cls.service_name} (`python -m {spec.module}`)", "",
                   "| flag | environment | default | meaning |", "|---|---|---|---|"]
         for doc in describe_config(cls):
             lines.append(f"| `{doc.flag}` | `{doc.env}` | `{doc.default}` | {doc.help} |")

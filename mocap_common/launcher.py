@@ -1,7 +1,8 @@
 """`make run`: the whole mesh on one machine, as five child processes.
 
-Starts resource_svc, tracker_svc, smoother_svc, exporter_svc and the gateway (in that order,
-each waiting for the previous ones to report health SERVING), then waits. Ctrl-C or SIGTERM
+Starts the services of `mocap_common.services.SERVICES` (resource_svc, tracker_svc, smoother_svc,
+exporter_svc and the gateway, in that order, each waiting for the previous ones to report health
+SERVING), then waits. Ctrl-C or SIGTERM
 stops them all gracefully (SIGTERM, then SIGKILL of each process group after a grace period);
 if any service dies, the others are stopped too and the launcher exits non-zero. No child
 outlives the launcher, even one killed with kill -9: `mocap_common.procs.child_process` ties
@@ -37,25 +38,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mocap_common.config import absolute_path
 from mocap_common.procs import child_process, finish_uncancellable, terminate_group
+from mocap_common.services import SERVICES, ServiceSpec
 
 DEMO_CLIP = Path(__file__).resolve().parent / "demo" / "runner_1080p.mp4"
-
-
-@dataclass
-class ServiceSpec:
-    name: str
-    module: str
-    port: int
-    env_addr: str  # the variable other services read this address from
-
-
-SERVICES = (
-    ServiceSpec("resource", "resource_svc", 50055, "MOCAP_RESOURCE_ADDR"),
-    ServiceSpec("tracker", "tracker_svc", 50052, "MOCAP_TRACKER_ADDR"),
-    ServiceSpec("smoother", "smoother_svc", 50053, "MOCAP_SMOOTHER_ADDR"),
-    ServiceSpec("exporter", "exporter_svc", 50054, "MOCAP_EXPORTER_ADDR"),
-    ServiceSpec("gateway", "gateway", 50051, "MOCAP_GATEWAY_ADDR"),
-)
 
 
 @dataclass
@@ -192,7 +177,7 @@ async def main_async(args: argparse.Namespace) -> int:
     mesh.check_ports_free()  # before any child starts: no half-started mesh to stop
     async with contextlib.AsyncExitStack() as stack:
         try:
-            print("mocap mesh: starting five services", flush=True)
+            print(f"mocap mesh: starting {len(SERVICES)} services", flush=True)
             await mesh.start(stack)
             waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(mesh.first_exit())]
             if args.demo:
@@ -222,8 +207,8 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default=os.environ.get("MOCAP_HOST", "127.0.0.1"))
     parser.add_argument("--base-port", type=int, default=None,
-                        help="use consecutive ports from here (resource, tracker, smoother, exporter, gateway) "
-                             "instead of the defaults 50055, 50052, 50053, 50054, 50051")
+                        help=f"use consecutive ports from here ({', '.join(s.name for s in SERVICES)}) "
+                             f"instead of the defaults {', '.join(str(s.port) for s in SERVICES)}")
     parser.add_argument("--log-dir", type=absolute_path, default=absolute_path("data/logs"))
     parser.add_argument("--ready-timeout", type=float, default=180.0)
     parser.add_argument("--grace", type=float, default=15.0)

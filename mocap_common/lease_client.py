@@ -16,7 +16,9 @@ broker reclaims, so it stops before anyone else can be granted the slot).
 
 Errors from the broker are raised as `mocap_common.errors.ServiceError`s: `DeadlineExceeded`
 (reason NO_SLOT) when no slot freed in time, `Unavailable` (NOT_READY) when the broker cannot be
-reached, `NotFound` (NO_SUCH_DEVICE), `InvalidArgument`, ... Their messages, and the reasons a
+reached, `NotFound` (NO_SUCH_DEVICE), `Aborted` (LEASE_LOST: that grant is over; acquire again),
+`InvalidArgument`, ... (the class follows the status code, one code per reason across the mesh).
+Their messages, and the reasons a
 lease is lost (`LeaseLost`), travel on to the holder's callers (a tracker puts them into its own
 errors, and the gateway shows those to clients): they never carry gRPC's transport text (peer
 addresses such as "ipv4:127.0.0.1:50055", "Failed to connect to remote host"), which only the log

@@ -23,6 +23,23 @@ in presentation order is shown in the k-th frame slot: the smallest dts not yet 
 the source, a frame whose time is missing or not after the previous frame's is placed one frame
 duration after it, so the times are always strictly increasing.
 
+Damaged bytes. A packet the decoder refuses (random bytes in a file's middle: FFmpeg raises
+InvalidDataError from avcodec_send_packet) is skipped and counted in a `DecodeDamage`, and
+decoding goes on: the decoder resyncs by itself at the next keyframe (frames between are decoded
+with FFmpeg's error concealment, as a player shows them). A refusal costs one frame; frames a
+decoder drops without a refusal (MPEG-4 Part 2 after a refused keyframe), or cannot hand back
+(PyAV loses a frame-threaded decoder's last frames when its end-of-stream flush fails) are
+counted too, from the packets left without a frame. The frames that decode come out in order
+with their own times; for AVI a lost frame gives up the earliest slot not yet taken, so the
+frames after it keep theirs (exactly without B-frames; with B-frames only frames in the reorder
+window around the damage can move by a slot). Whether too much was lost is the caller's
+decision (the tracker refuses more than 10 %). Not counted: what the demuxer skips while it
+resyncs (it never reaches the decoder; Matroska skips to its next cluster, AVI and MPEG-TS drop
+the damaged chunks, and AVI then numbers the later chunks, hence their slots, without them).
+An error of the demuxer itself (the container, not a frame, is damaged) still ends the stream:
+it is raised as an av.error.FFmpegError, whose text is for logs only (it names FFmpeg functions
+and, for files, their paths).
+
 Only services that decode video import this module (its PyAV is in their extras, not in the base
 dependencies); nothing else in mocap_common imports av.
 """
@@ -31,7 +48,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 import av
@@ -159,6 +176,17 @@ class PresentationClock:
         self._last = seconds
         return seconds
 
+    @property
+    def slot_timed(self) -> bool:
+        return self._slot_timed
+
+    def skip(self) -> None:
+        """One frame will never come out (the decoder refused it): its slot is not given to the
+        frames after it. The earliest slot not yet taken is the missing frame's when frames come
+        out in decode order; with B-frames, within the reorder window of it."""
+        if self._slot_timed and self._slots:
+            heapq.heappop(self._slots)
+
     def _ticks(self, frame: av.VideoFrame) -> int | None:
         if not self._slot_timed:
             return frame.pts
@@ -170,11 +198,134 @@ class PresentationClock:
         return self._frame_s
 
 
-def presentation_frames(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[TimedFrame]:
+@dataclass
+class DecodeDamage:
+    """What `presentation_frames` skipped while decoding one stream (read it when the iteration ends).
+
+    undecodable: frames the decoder never returned: each packet it refused, the frames it dropped
+      while recovering, and, in a stream that had damage, every packet left without a frame at the
+      end (PyAV cannot take frames out of a decoder whose end-of-stream flush failed). The
+      decoders of every format in the video corpus return one frame per packet; the packets-left
+      count is only taken for a stream that had refusals, so a clean stream counts 0.
+    first_error: FFmpeg's text of the first refusal and where it happened: for the service log only
+      (never for clients: it names FFmpeg functions and error numbers).
+    """
+
+    undecodable: int = 0
+    packets: int = 0  # packets with data sent to the decoder (not those the container marks discard)
+    frames: int = 0  # frames that came out
+    recoveries: int = 0  # times the decoder had to be reset to go on (flush_buffers)
+    first_error: str = ""
+    errors: dict[str, int] = field(default_factory=dict)  # refusals by FFmpeg error class
+
+    @property
+    def damaged(self) -> bool:
+        return bool(self.errors)
+
+    def _refused(self, exc: av.error.FFmpegError, packet: av.Packet | None) -> None:
+        name = type(exc).__name__
+        self.errors[name] = self.errors.get(name, 0) + 1
+        if not self.first_error:
+            where = f"packet dts {packet.dts}" if packet is not None and packet.size else "the end-of-stream flush"
+            self.first_error = f"{name}: {exc} (at {where}, after {self.frames} frames)"
+
+    def _pending(self) -> int:
+        """Packets sent whose frames have not come out (and were not counted as lost)."""
+        return max(0, self.packets - self.frames - self.undecodable)
+
+
+def presentation_frames(container: av.container.InputContainer, stream: av.VideoStream,
+                        damage: DecodeDamage | None = None) -> Iterator[TimedFrame]:
     """Decodes `stream` to the end: frames in presentation order with strictly increasing times.
-    Raises av.error.FFmpegError when the bytes do not decode."""
+
+    Packets the decoder refuses are skipped and counted in `damage` (see the module docstring).
+    Raises av.error.FFmpegError when the container cannot be read on (demuxer errors), and
+    av.error.MemoryError from the decoder."""
     clock = PresentationClock.for_stream(container, stream)
+    damage = damage if damage is not None else DecodeDamage()
+    depth = _DecoderDepth()
     for packet in container.demux(stream):
         clock.packet(packet)
-        for frame in packet.decode():
+        frames = _decode(stream.codec_context, packet, damage, clock)
+        if frames and packet.size and clock.slot_timed:
+            # Frames a damaged decoder dropped without a word still hold slots: give those up
+            # before the next frames take theirs.
+            _lose(damage, clock, depth.dropped(damage, len(frames)))
+        for frame in frames:
+            damage.frames += 1
             yield TimedFrame(frame, clock.stamp(frame))
+    if damage.damaged:
+        damage.undecodable += damage._pending()  # never came out: lost in the damage, or at the flush
+
+
+def _decode(codec: av.codec.context.CodecContext, packet: av.Packet, damage: DecodeDamage,
+            clock: PresentationClock) -> list[av.VideoFrame]:
+    """The frames decoding `packet` gives; a refusal is counted (one frame lost) instead of raised."""
+    if packet.size and not packet.is_discard:
+        damage.packets += 1
+    try:
+        return packet.decode()
+    except av.error.MemoryError:
+        raise
+    except av.error.BlockingIOError as exc:  # EAGAIN: see _recover
+        damage._refused(exc, packet)
+        if not packet.size:
+            return []
+        frames = _recover(codec, damage, clock)
+        try:
+            return frames + packet.decode()
+        except av.error.MemoryError:
+            raise
+        except av.error.FFmpegError as again:
+            damage._refused(again, packet)
+            _lose(damage, clock, 1)
+            return frames
+    except av.error.FFmpegError as exc:
+        # FFmpeg dropped the frame it could not decode; the next packets decode on, and the
+        # decoder finds its footing again at the next keyframe.
+        damage._refused(exc, packet)
+        _lose(damage, clock, 1 if packet.size else damage._pending())
+        return []
+
+
+def _recover(codec: av.codec.context.CodecContext, damage: DecodeDamage, clock: PresentationClock) -> list[av.VideoFrame]:
+    """After a refusal PyAV stopped reading a frame-threaded decoder that still held output, and
+    the decoder now refuses every packet (EAGAIN) until that output is read, which PyAV cannot do
+    without draining: drain it (those frames are good), then reset it to take packets again."""
+    damage.recoveries += 1
+    pending = damage._pending() - 1  # the packet being decoded is not in the decoder yet
+    frames: list[av.VideoFrame] = []
+    try:
+        frames = codec.decode(None)
+    except av.error.MemoryError:
+        raise
+    except av.error.FFmpegError as exc:
+        damage._refused(exc, None)
+    codec.flush_buffers()
+    _lose(damage, clock, pending - len(frames))  # what the drain did not give back is gone
+    return frames
+
+
+class _DecoderDepth:
+    """How many packets a decoder holds once it has given frames back (frame threads, B-frame
+    reordering), learnt while the stream is clean. After damage, holding more than that for good
+    means frames were dropped silently (an MPEG-4 Part 2 decoder drops the frames that refer to a
+    keyframe it refused); those are counted, and their slots given up, as soon as it shows."""
+
+    LEARN = 8  # clean packets with output before the depth is trusted
+
+    def __init__(self) -> None:
+        self.depth, self.seen = 0, 0
+
+    def dropped(self, damage: DecodeDamage, new_frames: int) -> int:
+        held = damage._pending() - new_frames
+        if not damage.damaged:
+            self.depth, self.seen = max(self.depth, held), self.seen + 1
+            return 0
+        return max(0, held - self.depth) if self.seen >= self.LEARN else 0
+
+
+def _lose(damage: DecodeDamage, clock: PresentationClock, count: int) -> None:
+    for _ in range(max(0, count)):
+        damage.undecodable += 1
+        clock.skip()

@@ -1,42 +1,73 @@
-"""`ServiceError` ⇄ `google.rpc.Status` on the wire (server and client side)."""
+"""`ServiceError` ⇄ `google.rpc.Status` on the wire (server and client side), and
+`mapped_errors`, the one place a handler's named domain errors become ServiceErrors."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
-from google.protobuf.message import Message
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc.aio import AbortError
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from mocap_common.errors import ERROR_DOMAIN, FieldViolation, Internal, ServiceError
+from mocap_common.errors import (
+    INTERNAL_MESSAGE,
+    ErrorTable,
+    FieldViolation,
+    Internal,
+    ServiceError,
+    mapped_error,
+    status_proto,
+)
+from mocap_common.logs import get_logger
+
+log = get_logger(__name__)
 
 
 def to_grpc_status(error: ServiceError) -> grpc.Status:
     """The rich status for `error`, ready for `context.abort_with_status`."""
-    details = [_pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata))]
-    if error.violations:
-        violations = [
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in error.violations
-        ]
-        details.append(_pack(error_details_pb2.BadRequest(field_violations=violations)))
-    if error.retry_after_s is not None:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(error.retry_after_s * 1e9))
-        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    status = status_pb2.Status(code=code_pb2.Code.Value(error.code), message=error.message, details=details)
-    return rpc_status.to_status(status)
+    return rpc_status.to_status(status_proto(error))
 
 
 def internal_status() -> grpc.Status:
     """What a client sees for an unexpected exception: nothing of the internals."""
-    return to_grpc_status(Internal("internal error; the server log has the details"))
+    return to_grpc_status(Internal(INTERNAL_MESSAGE))
 
 
-def status_code(error: ServiceError) -> grpc.StatusCode:
-    return grpc.StatusCode[error.code]
+class mapped_errors:  # noqa: N801 - used like a function: `with mapped_errors(TABLE):`
+    """Around a handler's body (`with` or `async with`): a named domain error leaves it as the
+    ServiceError its `table` row gives; a ServiceError passes unchanged (it is already a status).
+    Any other exception becomes INTERNAL with a fixed message, its text and traceback going to the
+    log only: raw exception text can hold paths, addresses or transport text.
+
+    Cancellation and GeneratorExit (not Exceptions) pass, and so does gRPC's AbortError (the
+    handler called context.abort: the status is already on its way). It works around `yield`, so
+    the same block serves unary and streaming handlers.
+    """
+
+    def __init__(self, table: ErrorTable) -> None:
+        self._table = table
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, error: BaseException | None, tb: Any) -> bool:
+        if error is None or not isinstance(error, Exception) or isinstance(error, (ServiceError, AbortError)):
+            return False  # re-raised as it is
+        mapped = mapped_error(self._table, error)
+        if mapped is None:
+            log.error("unmapped error in a handler", error_type=type(error).__name__, detail=str(error),
+                      exc_info=error)
+            raise Internal(INTERNAL_MESSAGE) from error
+        raise mapped from error
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, error: BaseException | None, tb: Any) -> bool:
+        return self.__exit__(exc_type, error, tb)
 
 
 @dataclass
@@ -82,9 +113,3 @@ def _merge_detail(result: RpcErrorDetails, detail: any_pb2.Any) -> None:
         result.violations = [FieldViolation(v.field, v.description) for v in bad.field_violations]
     elif detail.Unpack(retry):
         result.retry_after_s = retry.retry_delay.ToNanoseconds() / 1e9
-
-
-def _pack(message: Message) -> any_pb2.Any:
-    packed = any_pb2.Any()
-    packed.Pack(message)
-    return packed

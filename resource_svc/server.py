@@ -1,11 +1,11 @@
 """The gRPC adapter of the broker: decode, call `LeaseBroker`, encode, and map the broker's named
-errors to status codes (in `_status_for`, the one place that does)."""
+errors to status codes (`BROKER_ERRORS`, the one place that does, applied to every handler by
+`mapped_errors`)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -14,19 +14,21 @@ from mocap.v1 import resource_pb2, resource_pb2_grpc
 from mocap_common.errors import (
     Aborted,
     AlreadyExists,
+    As,
     DeadlineExceeded,
-    FailedPrecondition,
+    ErrorTable,
     FieldViolation,
     InvalidArgument,
     NotFound,
-    ServiceError,
     Unavailable,
 )
+from mocap_common.paging import page_of
+from mocap_common.rpc_errors import mapped_errors
 from resource_svc import convert
 from resource_svc.broker import LeaseBroker
 from resource_svc.leases import (
     BrokerClosed,
-    BrokerError,
+    DeviceStatus,
     LeaseLost,
     LeaseNotFound,
     LeaseState,
@@ -38,35 +40,24 @@ from resource_svc.leases import (
 )
 
 
-def _status_for(error: BrokerError) -> ServiceError:
-    """The status a client sees for each named broker error."""
-    message = str(error)
-    if isinstance(error, LeaseLost):
-        metadata = {}
-        if error.lease is not None:
-            metadata = {"lease": error.lease.name, "state": error.lease.state.value}
-        return FailedPrecondition(message, reason="LEASE_LOST", metadata=metadata)
-    if isinstance(error, LeaseNotFound):
-        return NotFound(message)
-    if isinstance(error, NoSuchDevice):
-        return NotFound(message, reason="NO_SUCH_DEVICE")
-    if isinstance(error, NoSlot):
-        return DeadlineExceeded(message, reason="NO_SLOT")
-    if isinstance(error, RequestReused):
-        return AlreadyExists(message, reason="LEASE_REQUEST_REUSED")
-    if isinstance(error, Superseded):
-        return Aborted(message, reason="ACQUIRE_SUPERSEDED")
-    if isinstance(error, (BrokerClosed, StoreFailed)):
-        return Unavailable(message, reason="NOT_READY", retry_after_s=1.0)
-    raise TypeError(f"unmapped broker error {error!r}")
+def _lost_metadata(error: LeaseLost) -> dict[str, object]:
+    if error.lease is None:
+        return {}
+    return {"metadata": {"lease": error.lease.name, "state": error.lease.state.value}}
 
 
-@contextlib.contextmanager
-def _mapped_errors() -> Iterator[None]:
-    try:
-        yield
-    except BrokerError as error:
-        raise _status_for(error) from None
+# The status a client sees for each named broker error. LEASE_LOST is ABORTED, as from the
+# tracker and the smoother: the grant is over, so the holder starts again from Acquire.
+BROKER_ERRORS: ErrorTable = {
+    LeaseLost: As(Aborted, "LEASE_LOST", details=_lost_metadata),
+    LeaseNotFound: As(NotFound),
+    NoSuchDevice: As(NotFound, "NO_SUCH_DEVICE"),
+    NoSlot: As(DeadlineExceeded, "NO_SLOT"),
+    RequestReused: As(AlreadyExists, "LEASE_REQUEST_REUSED"),
+    Superseded: As(Aborted, "ACQUIRE_SUPERSEDED"),
+    BrokerClosed: As(Unavailable, "NOT_READY", retry_after_s=1.0),
+    StoreFailed: As(Unavailable, "NOT_READY", retry_after_s=1.0),
+}
 
 
 class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
@@ -79,73 +70,77 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
         self._closing.set()
 
     async def Acquire(self, request: resource_pb2.AcquireRequest, context: grpc.aio.ServicerContext) -> Any:
-        acquire = convert.acquire_request(request, context.time_remaining())
-        with _mapped_errors():
-            lease = await self._broker.acquire(acquire)
-        return convert.lease_proto(lease)
+        with mapped_errors(BROKER_ERRORS):
+            acquire = convert.acquire_request(request, context.time_remaining())
+            return convert.lease_proto(await self._broker.acquire(acquire))
 
     async def KeepAlive(self, request_iterator: AsyncIterator[resource_pb2.KeepAliveRequest],
                         context: grpc.aio.ServicerContext) -> AsyncIterator[resource_pb2.KeepAliveResponse]:
-        async for request in _until(self._closing, request_iterator):
-            name = convert.lease_name(request.name)
-            try:
-                lease = await self._broker.renew(name, request.fencing_token)
-            except LeaseLost as lost:
-                state = convert.STATE_TO_PROTO[lost.lease.state] if lost.lease else resource_pb2.LEASE_STATE_UNSPECIFIED
-                yield resource_pb2.KeepAliveResponse(name=name, lost=True, state=state)
-                continue
-            except BrokerError as error:
-                raise _status_for(error) from None
-            yield resource_pb2.KeepAliveResponse(name=name, lost=False, state=resource_pb2.LEASE_STATE_ACTIVE,
-                                                 expire_time=convert.timestamp(lease.expire_time))
-        if self._closing.is_set():
-            raise Unavailable("the broker is shutting down; reconnect", retry_after_s=1.0)
+        with mapped_errors(BROKER_ERRORS):
+            async for request in _until(self._closing, request_iterator):
+                name = convert.lease_name(request.name)
+                try:
+                    lease = await self._broker.renew(name, request.fencing_token)
+                except LeaseLost as lost:  # an answer on this stream, not its end
+                    state = convert.STATE_TO_PROTO[lost.lease.state] if lost.lease else resource_pb2.LEASE_STATE_UNSPECIFIED
+                    yield resource_pb2.KeepAliveResponse(name=name, lost=True, state=state)
+                    continue
+                yield resource_pb2.KeepAliveResponse(name=name, lost=False, state=resource_pb2.LEASE_STATE_ACTIVE,
+                                                     expire_time=convert.timestamp(lease.expire_time))
+            if self._closing.is_set():
+                raise Unavailable("the broker is shutting down; reconnect", retry_after_s=1.0)
 
     async def Renew(self, request: resource_pb2.RenewRequest, context: grpc.aio.ServicerContext) -> Any:
-        name = convert.lease_name(request.name)
-        ttl_s = convert.renew_ttl(request)
-        with _mapped_errors():
-            lease = await self._broker.renew(name, request.fencing_token, ttl_s)
-        return convert.lease_proto(lease)
+        with mapped_errors(BROKER_ERRORS):
+            name = convert.lease_name(request.name)
+            ttl_s = convert.renew_ttl(request)
+            return convert.lease_proto(await self._broker.renew(name, request.fencing_token, ttl_s))
 
     async def Release(self, request: resource_pb2.ReleaseRequest, context: grpc.aio.ServicerContext) -> Any:
-        name = convert.lease_name(request.name)
-        with _mapped_errors():
+        with mapped_errors(BROKER_ERRORS):
+            name = convert.lease_name(request.name)
             lease, released = await self._broker.release(name, request.fencing_token)
-        return resource_pb2.ReleaseResponse(lease=convert.lease_proto(lease), released=released)
+            return resource_pb2.ReleaseResponse(lease=convert.lease_proto(lease), released=released)
 
     async def ValidateLease(self, request: resource_pb2.ValidateLeaseRequest,
                             context: grpc.aio.ServicerContext) -> Any:
-        name = convert.lease_name(request.name)
-        valid, lease = self._broker.validate(name, request.fencing_token)
-        response = resource_pb2.ValidateLeaseResponse(valid=valid)
-        if lease is not None:
-            response.lease.CopyFrom(convert.lease_proto(lease))
-        return response
+        with mapped_errors(BROKER_ERRORS):
+            name = convert.lease_name(request.name)
+            valid, lease = self._broker.validate(name, request.fencing_token)
+            response = resource_pb2.ValidateLeaseResponse(valid=valid)
+            if lease is not None:
+                response.lease.CopyFrom(convert.lease_proto(lease))
+            return response
 
     async def GetLease(self, request: resource_pb2.GetLeaseRequest, context: grpc.aio.ServicerContext) -> Any:
-        name = convert.lease_name(request.name)
-        with _mapped_errors():
+        with mapped_errors(BROKER_ERRORS):
+            name = convert.lease_name(request.name)
             return convert.lease_proto(self._broker.get(name))
 
     async def ListLeases(self, request: resource_pb2.ListLeasesRequest, context: grpc.aio.ServicerContext) -> Any:
-        size = convert.page_size(request.page_size)
-        before = convert.decode_page_token(request.page_token)
-        state: LeaseState | None = convert.lease_state(request.state)
-        leases = self._broker.list(state=state, device=request.device, limit=size + 1, before_grant_seq=before)
-        response = resource_pb2.ListLeasesResponse(leases=[convert.lease_proto(lease) for lease in leases[:size]])
-        if len(leases) > size:
-            response.next_page_token = convert.encode_page_token(leases[size - 1].grant_seq)
-        return response
+        with mapped_errors(BROKER_ERRORS):
+            size = convert.page_size(request.page_size)
+            before = convert.decode_page_token(request.page_token)
+            state: LeaseState | None = convert.lease_state(request.state)
+            leases = self._broker.list(state=state, device=request.device, limit=size + 1, before_grant_seq=before)
+            response = resource_pb2.ListLeasesResponse(leases=[convert.lease_proto(lease) for lease in leases[:size]])
+            if len(leases) > size:
+                response.next_page_token = convert.encode_page_token(leases[size - 1].grant_seq)
+            return response
 
     async def ListDevices(self, request: resource_pb2.ListDevicesRequest, context: grpc.aio.ServicerContext) -> Any:
-        return resource_pb2.ListDevicesResponse(devices=[convert.device_proto(d) for d in self._broker.devices()])
+        with mapped_errors(BROKER_ERRORS):
+            # Pages are keyed by (kind, index, id): the broker's own order, made strict by the unique id.
+            devices = sorted(self._broker.devices(), key=_device_key)
+            page, token = page_of(devices, _device_key, request.page_size, request.page_token, list_name="devices")
+            return resource_pb2.ListDevicesResponse(devices=[convert.device_proto(d) for d in page],
+                                                    next_page_token=token)
 
     async def WatchLeases(self, request: resource_pb2.WatchLeasesRequest,
                           context: grpc.aio.ServicerContext) -> AsyncIterator[resource_pb2.LeaseEvent]:
-        if request.after_seq < 0:
-            raise InvalidArgument("invalid after_seq", violations=[FieldViolation("after_seq", "must be >= 0")])
-        with _mapped_errors():
+        with mapped_errors(BROKER_ERRORS):
+            if request.after_seq < 0:
+                raise InvalidArgument("invalid after_seq", violations=[FieldViolation("after_seq", "must be >= 0")])
             watch = self._broker.watch(request.after_seq, request.live_only)
             try:
                 # Headers go out once the watcher is subscribed: a client that waits for them
@@ -155,6 +150,10 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
                     yield convert.event_proto(event)
             finally:
                 await watch.close()
+
+
+def _device_key(device: DeviceStatus) -> tuple[str, int, str]:
+    return device.spec.kind.value, device.spec.index, device.spec.id
 
 
 async def _until(stop: asyncio.Event, iterator: AsyncIterator[Any]) -> AsyncIterator[Any]:

@@ -25,7 +25,14 @@ log = get_logger("smoother_svc")
 
 async def main() -> None:
     config = load_config(SmootherConfig, sys.argv[1:])
-    configure_logging("smoother", config.log_level, config.log_format)
+    configure_logging(config.service_name, config.log_level, config.log_format)
+    async with ServiceHost(config) as host:
+        await build(config, host)
+        await host.serve_until_stopped()
+
+
+async def build(config: SmootherConfig, host: ServiceHost) -> None:
+    """The smoother and its trainer on `host`, the newest checkpoint (if any) loaded."""
     torch_threads(config.torch_threads)
     store = CheckpointStore(config.checkpoint_dir)
     served = ServedModel(store)
@@ -35,15 +42,12 @@ async def main() -> None:
         store, served, load_noise_model(config.noise_model_path),
     )
     servicer = server.SmootherServicer(config, store, served, trainer)
-    host = ServiceHost(config)
     server.add_to(host, servicer)
-    host.on_shutdown(servicer.close, "smooth-pool")
-    host.on_shutdown(trainer.close, "training-runs")  # runs first: stop training, release leases
+    host.on_release(servicer.close, "smooth-pool")
+    host.on_release(trainer.close, "training-runs")  # runs first: stop training, release leases
     await host.start()
     newest = await asyncio.to_thread(served.get)
     log.info("ready", checkpoint=newest.version if newest else None, checkpoint_dir=str(config.checkpoint_dir))
-    await host.set_serving()
-    await host.wait_for_termination()
 
 
 if __name__ == "__main__":

@@ -12,15 +12,15 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from mocap_common.files import fsync_dir
+from mocap_common.files import AtomicFile
 from smoother_svc.smoothnet import INPUT_SCALE, LearnedSmoother, SmoothNet
 from smoother_svc.training import TrainedModel
 
@@ -132,24 +132,22 @@ class CheckpointStore:
         return info
 
     def _publish(self, data: bytes) -> int:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=".checkpoint.", suffix=".tmp", dir=self.directory)
+        file = AtomicFile(self.directory / "checkpoint")  # temp name .checkpoint.*.tmp
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+            file.handle.write(data)
+        except BaseException:
+            file.discard()
+            raise
+
+        def free_names() -> Iterator[Path]:
+            # From the next number after the newest at the time of linking, upwards.
             number = (self._numbers() or [0])[0] + 1
             while True:
-                try:
-                    os.link(tmp_name, self.path(number))
-                    break
-                except FileExistsError:  # another writer took it
-                    number += 1
-            fsync_dir(self.directory)
-            return number
-        finally:
-            Path(tmp_name).unlink(missing_ok=True)
+                yield self.path(number)
+                number += 1
+
+        published = file.commit_new(free_names())
+        return int(_NAME.match(published.name).group(1))  # type: ignore[union-attr]
 
 
 def _info_from_meta(number: int, meta: dict) -> CheckpointInfo:

@@ -1,32 +1,31 @@
-"""The gRPC adapter of the smoother: decode requests, call the domain, encode responses, map the
-domain's errors to status codes (in `_service_error`, one place)."""
+"""The gRPC adapter of the smoother: decode requests, call `SmootherService` (`service.py`), encode
+responses, map the domain's errors to status codes (`SMOOTHER_ERRORS`, one table, applied to every
+handler by `mapped_errors`)."""
 
 from __future__ import annotations
 
-import asyncio
 import math
-import random
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+
 import grpc
-import numpy as np
 from google.protobuf import timestamp_pb2
-from prometheus_client import Counter
 
 from mocap.v1 import common_pb2, smoother_pb2, smoother_pb2_grpc
 from mocap_common.channels import downstream_timeout
 from mocap_common.errors import (
     Aborted,
+    As,
+    ErrorTable,
     FailedPrecondition,
     FieldViolation,
     Internal,
     InvalidArgument,
     ResourceExhausted,
-    ServiceError,
     Unavailable,
 )
 from mocap_common.lease_client import LeaseLost
-from mocap_common.logs import bind_context, get_logger
+from mocap_common.logs import bind_context
+from mocap_common.paging import page_of
 from mocap_common.posecodec import (
     DEFAULT_FRAMES_PER_CHUNK,
     PoseTrackAssembler,
@@ -35,26 +34,18 @@ from mocap_common.posecodec import (
     track_set_to_proto,
 )
 from mocap_common.poses import PoseTrack, PoseTrackSet
+from mocap_common.rpc_errors import mapped_errors
 from mocap_common.server import MAX_MESSAGE_BYTES, ServiceHost
 from mocap_common.streams import draining
 from smoother_svc import presets
 from smoother_svc.checkpoints import CheckpointInfo, CheckpointStore
 from smoother_svc.config import SmootherConfig
-from smoother_svc.errors import (
-    BadTracks,
-    CheckpointWriteFailed,
-    NoCheckpoint,
-    SmootherError,
-    TrainingFailed,
-    TrainingInterrupted,
-)
-from smoother_svc.gaps import typical_interval
+from smoother_svc.errors import BadTracks, CheckpointWriteFailed, NoCheckpoint, TrainingFailed, TrainingInterrupted
 from smoother_svc.metrics import TrackMetrics
-from smoother_svc.smoothing import SmoothedTrack, smooth_tracks
+from smoother_svc.service import SmootherService, TrainingDefaults
+from smoother_svc.smoothing import SmoothingPlan
 from smoother_svc.trainer import CheckpointPublished, LeaseGranted, ServedModel, Trainer, TrainProgressEvent
 from smoother_svc.training import TrainingConfig
-
-log = get_logger(__name__)
 
 _PRESETS = {
     common_pb2.SMOOTHING_PRESET_UNSPECIFIED: None,
@@ -73,54 +64,75 @@ _METHODS = {
     smoother_pb2.SMOOTHING_METHOD_LEARNED: presets.LEARNED,
     smoother_pb2.SMOOTHING_METHOD_ONE_EURO_MEDIAPIPE: presets.ONE_EURO_MEDIAPIPE,
 }
+_METHOD_TO_PROTO = {method: value for value, method in _METHODS.items() if method is not None}
 _SHUTDOWN_RETRY_S = 5.0
 
-FRAMES_SMOOTHED = Counter("mocap_smoother_frames_total", "Tracked frames smoothed, by method applied.", ["method"])
-FRAMES_FILLED = Counter("mocap_smoother_frames_filled_total", "Frames inserted by gap filling.")
+
+def _bad_tracks(error: BadTracks) -> dict[str, object]:
+    return {"violations": [FieldViolation(error.field, error.description)]}
+
+
+def _bad_method(error: presets.PresetError) -> dict[str, object]:
+    return {"violations": [FieldViolation("options.method", str(error))]}
+
+
+# The status a client sees for each named domain error (the one place where they are mapped).
+# LEASE_LOST is ABORTED, as from the tracker and the broker.
+SMOOTHER_ERRORS: ErrorTable = {
+    BadTracks: As(InvalidArgument, "BAD_TRACKS", details=_bad_tracks),
+    presets.PresetError: As(InvalidArgument, details=_bad_method),
+    NoCheckpoint: As(FailedPrecondition, "NO_CHECKPOINT"),
+    LeaseLost: As(Aborted, "LEASE_LOST", "training stopped: {error}"),
+    TrainingFailed: As(Aborted, "TRAINING_FAILED", "training failed: {error}"),
+    TrainingInterrupted: As(Unavailable, retry_after_s=_SHUTDOWN_RETRY_S),
+    CheckpointWriteFailed: As(Internal, "TRAINING_FAILED", "training finished but its checkpoint could not be stored"),
+}
 
 
 class SmootherServicer(smoother_pb2_grpc.SmootherServiceServicer):
     def __init__(self, config: SmootherConfig, store: CheckpointStore, served: ServedModel, trainer: Trainer) -> None:
-        self.config = config
-        self.store = store
-        self.served = served
-        self.trainer = trainer
-        self.pool = ThreadPoolExecutor(max_workers=max(1, config.smooth_workers), thread_name_prefix="smooth")
+        self.config = config  # the adapter's own limits: max_unary_bytes, max_stream_frames, acquire timeout
+        self.service = SmootherService(config, store, served, trainer)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.service.close()
 
     # --- Smooth ---------------------------------------------------------------------------
 
     async def Smooth(self, request: smoother_pb2.SmoothRequest, context: grpc.aio.ServicerContext) -> smoother_pb2.SmoothResponse:
-        if request.job:
-            bind_context(job=request.job)
-        preset, method, max_gap = _decode_options(request.options, "options")
-        track_set = track_set_from_proto(request.tracks, "tracks")
-        label, smoothed = await self._smooth(track_set.tracks, preset, method, max_gap)
-        response = smoother_pb2.SmoothResponse(
-            tracks=track_set_to_proto(PoseTrackSet(track_set.video, [s.track for s in smoothed])),
-            metrics=[_metrics_to_proto(s.metrics) for s in smoothed],
-            method=label,
-        )
-        limit = min(self.config.max_unary_bytes, MAX_MESSAGE_BYTES)
-        if response.ByteSize() > limit:
-            raise ResourceExhausted(f"the smoothed tracks exceed the unary limit of {limit} bytes; use SmoothStream",
-                                    reason="TRACKS_TOO_LARGE")
-        return response
+        with mapped_errors(SMOOTHER_ERRORS):
+            if request.job:
+                bind_context(job=request.job)
+            preset, method, max_gap = _decode_options(request.options, "options")
+            track_set = track_set_from_proto(request.tracks, "tracks")
+            plan, smoothed = await self.service.smooth(track_set.tracks, preset, method, max_gap)
+            applied, checkpoint = _applied(plan)
+            response = smoother_pb2.SmoothResponse(
+                tracks=track_set_to_proto(PoseTrackSet(track_set.video, [s.track for s in smoothed])),
+                metrics=[_metrics_to_proto(s.metrics) for s in smoothed],
+                method=plan.label, applied_method=applied, checkpoint=checkpoint,
+            )
+            limit = min(self.config.max_unary_bytes, MAX_MESSAGE_BYTES)
+            if response.ByteSize() > limit:
+                raise ResourceExhausted(f"the smoothed tracks exceed the unary limit of {limit} bytes; use SmoothStream",
+                                        reason="TRACKS_TOO_LARGE")
+            return response
 
     async def SmoothStream(self, request_iterator: AsyncIterator[smoother_pb2.SmoothStreamRequest],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[smoother_pb2.SmoothStreamResponse]:
         # A stream refused before the client half-closed (header missing or repeated, too many
         # frames) is drained first, so the client gets that status rather than INTERNAL.
         async with draining(request_iterator) as requests:
-            header, tracks = await self._receive_stream(requests)
-            preset, method, max_gap = _decode_options(header.options, "header.options")
-            label, smoothed = await self._smooth(tracks, preset, method, max_gap)
-            for chunk in chunk_tracks([s.track for s in smoothed], DEFAULT_FRAMES_PER_CHUNK):
-                yield smoother_pb2.SmoothStreamResponse(poses=chunk)
-            yield smoother_pb2.SmoothStreamResponse(summary=smoother_pb2.SmoothSummary(
-                metrics=[_metrics_to_proto(s.metrics) for s in smoothed], method=label))
+            with mapped_errors(SMOOTHER_ERRORS):
+                header, tracks = await self._receive_stream(requests)
+                preset, method, max_gap = _decode_options(header.options, "header.options")
+                plan, smoothed = await self.service.smooth(tracks, preset, method, max_gap)
+                for chunk in chunk_tracks([s.track for s in smoothed], DEFAULT_FRAMES_PER_CHUNK):
+                    yield smoother_pb2.SmoothStreamResponse(poses=chunk)
+                applied, checkpoint = _applied(plan)
+                yield smoother_pb2.SmoothStreamResponse(summary=smoother_pb2.SmoothSummary(
+                    metrics=[_metrics_to_proto(s.metrics) for s in smoothed], method=plan.label,
+                    applied_method=applied, checkpoint=checkpoint))
 
     async def _receive_stream(self, requests: AsyncIterator[smoother_pb2.SmoothStreamRequest]
                               ) -> tuple[smoother_pb2.SmoothStreamHeader, list[PoseTrack]]:
@@ -150,30 +162,14 @@ class SmootherServicer(smoother_pb2_grpc.SmootherServiceServicer):
                                   violations=[FieldViolation("header", "required")])
         return header, assembler.tracks()
 
-    async def _smooth(self, tracks: list[PoseTrack], preset: str | None, method: str | None,
-                      max_gap: float | None) -> tuple[str, list[SmoothedTrack]]:
-        """Resolves the plan (loading the served checkpoint if needed) and smooths in the pool."""
-        def work() -> tuple[str, list[SmoothedTrack]]:
-            plan = presets.resolve(preset, method, max_gap, self.served.get, _frame_rate(tracks))
-            return plan.label, smooth_tracks(tracks, plan)
-
-        try:
-            label, smoothed = await asyncio.get_running_loop().run_in_executor(self.pool, work)
-        except (SmootherError, presets.PresetError) as error:
-            raise _service_error(error) from None
-        filled = sum(s.metrics.frames_filled for s in smoothed)
-        FRAMES_SMOOTHED.labels(label.split(":")[0]).inc(sum(len(s.track) for s in smoothed) - filled)
-        FRAMES_FILLED.inc(filled)
-        return label, smoothed
-
     # --- Train and checkpoints ------------------------------------------------------------
 
     async def Train(self, request: smoother_pb2.TrainRequest,
                     context: grpc.aio.ServicerContext) -> AsyncIterator[smoother_pb2.TrainResponse]:
-        config, device = _decode_train(request, self.config)
-        timeout = downstream_timeout(context, self.config.lease_acquire_timeout_s)
-        try:
-            async for event in self.trainer.run(config, device=device, acquire_timeout_s=timeout):
+        with mapped_errors(SMOOTHER_ERRORS):
+            config, device = _decode_train(request, self.service.training_defaults)
+            timeout = downstream_timeout(context, self.config.lease_acquire_timeout_s)
+            async for event in self.service.train(config, device=device, acquire_timeout_s=timeout):
                 if isinstance(event, LeaseGranted):
                     continue  # the first progress message (epoch 0) names the lease
                 if isinstance(event, TrainProgressEvent):
@@ -183,13 +179,15 @@ class SmootherServicer(smoother_pb2_grpc.SmootherServiceServicer):
                         val_accel_error_mm=p.val_accel_error_mm, val_mpjpe_mm=p.val_mpjpe_mm, lease=event.lease))
                 elif isinstance(event, CheckpointPublished):
                     yield smoother_pb2.TrainResponse(checkpoint=_checkpoint_to_proto(event.checkpoint))
-        except (SmootherError, LeaseLost) as error:
-            raise _service_error(error) from None
 
     async def ListCheckpoints(self, request: smoother_pb2.ListCheckpointsRequest,
                               context: grpc.aio.ServicerContext) -> smoother_pb2.ListCheckpointsResponse:
-        infos = await asyncio.to_thread(self.store.list)
-        return smoother_pb2.ListCheckpointsResponse(checkpoints=[_checkpoint_to_proto(i) for i in infos])
+        with mapped_errors(SMOOTHER_ERRORS):
+            infos = await self.service.checkpoints()  # newest first
+            page, token = page_of(infos, lambda info: (-info.number,), request.page_size, request.page_token,
+                                  list_name="checkpoints")
+            return smoother_pb2.ListCheckpointsResponse(checkpoints=[_checkpoint_to_proto(i) for i in page],
+                                                        next_page_token=token)
 
 
 # --- decoding -------------------------------------------------------------------------------
@@ -210,8 +208,8 @@ def _decode_options(options: smoother_pb2.SmoothOptions, where: str) -> tuple[st
     return preset, method, max_gap
 
 
-def _decode_train(request: smoother_pb2.TrainRequest, config: SmootherConfig) -> tuple[TrainingConfig, str]:
-    """Validates every field (INVALID_ARGUMENT naming each bad one) and fills in defaults."""
+def _decode_train(request: smoother_pb2.TrainRequest, defaults: TrainingDefaults) -> tuple[TrainingConfig, str]:
+    """Validates every field (INVALID_ARGUMENT naming each bad one); 0 (or "") takes the service's default."""
     violations: list[FieldViolation] = []
 
     def integer(name: str, value: int, low: int, high: int, default: int) -> int:
@@ -230,17 +228,17 @@ def _decode_train(request: smoother_pb2.TrainRequest, config: SmootherConfig) ->
         return value
 
     training = TrainingConfig(
-        epochs=integer("epochs", request.epochs, 1, 1000, config.train_epochs),
-        steps_per_epoch=integer("steps_per_epoch", request.steps_per_epoch, 1, 100_000, config.train_steps_per_epoch),
-        window=integer("window", request.window, 8, 64, 32),
-        batch_size=integer("batch_size", request.batch_size, 1, 4096, config.train_batch_size),
-        learning_rate=real("learning_rate", request.learning_rate, 0.0, 1.0, config.train_learning_rate),
-        seed=request.seed if request.seed != 0 else random.randrange(1, 2**31),
-        noise_scale=real("noise_scale", request.noise_scale, 0.0, 10.0, 1.0),
-        max_seconds=real("max_seconds", request.max_seconds, 0.0, 86_400.0, config.train_max_seconds),
-        noise_spread=real("noise_spread", request.noise_spread, 1.0, 10.0, 2.0, low_open=False),
+        epochs=integer("epochs", request.epochs, 1, 1000, defaults.epochs),
+        steps_per_epoch=integer("steps_per_epoch", request.steps_per_epoch, 1, 100_000, defaults.steps_per_epoch),
+        window=integer("window", request.window, 8, 64, defaults.window),
+        batch_size=integer("batch_size", request.batch_size, 1, 4096, defaults.batch_size),
+        learning_rate=real("learning_rate", request.learning_rate, 0.0, 1.0, defaults.learning_rate),
+        seed=request.seed if request.seed != 0 else defaults.new_seed(),
+        noise_scale=real("noise_scale", request.noise_scale, 0.0, 10.0, defaults.noise_scale),
+        max_seconds=real("max_seconds", request.max_seconds, 0.0, 86_400.0, defaults.max_seconds),
+        noise_spread=real("noise_spread", request.noise_spread, 1.0, 10.0, defaults.noise_spread, low_open=False),
     )
-    device = request.device.strip() or config.train_device
+    device = request.device.strip() or defaults.device
     if len(device) > 128:
         violations.append(FieldViolation("device", "at most 128 characters"))
     if violations:
@@ -249,12 +247,18 @@ def _decode_train(request: smoother_pb2.TrainRequest, config: SmootherConfig) ->
     return training, device
 
 
-def _frame_rate(tracks: list[PoseTrack]) -> float | None:
-    intervals = [typical_interval(t.frame_index, t.timestamp_s) for t in tracks if len(t) > 1]
-    return 1.0 / float(np.median(intervals)) if intervals else None
-
-
 # --- encoding -------------------------------------------------------------------------------
+
+
+def _applied(plan: SmoothingPlan) -> tuple[int, str]:
+    """The method a plan applies as the enum, and the checkpoint's resource name when learned."""
+    if plan.learned is not None:
+        return smoother_pb2.SMOOTHING_METHOD_LEARNED, _checkpoint_name(plan.learned.version)
+    return _METHOD_TO_PROTO[plan.label], ""
+
+
+def _checkpoint_name(version: str) -> str:
+    return f"checkpoints/{version}"
 
 
 def _metrics_to_proto(m: TrackMetrics) -> smoother_pb2.SmoothingMetrics:
@@ -269,7 +273,8 @@ def _checkpoint_to_proto(info: CheckpointInfo) -> smoother_pb2.Checkpoint:
     created = timestamp_pb2.Timestamp()
     created.FromDatetime(info.create_time)
     return smoother_pb2.Checkpoint(
-        version=info.version, create_time=created, window=info.window, epochs=info.epochs,
+        name=_checkpoint_name(info.version), version=info.version, create_time=created, window=info.window,
+        epochs=info.epochs,
         val_accel_error_mm=info.val_accel_error_mm, val_mpjpe_mm=info.val_mpjpe_mm,
         val_accel_error_input_mm=info.val_accel_error_input_mm, val_mpjpe_input_mm=info.val_mpjpe_input_mm,
         training_clips=list(info.training_clips), validation_clip=info.validation_clip, seed=info.seed,
@@ -286,26 +291,6 @@ def _finite(value: float) -> float:
 
 def _invalid(field: str, description: str) -> InvalidArgument:
     return InvalidArgument(f"{field} {description}", violations=[FieldViolation(field, description)])
-
-
-def _service_error(error: Exception) -> ServiceError:
-    """The status a domain error stands for (the one place where they are mapped)."""
-    if isinstance(error, BadTracks):
-        return InvalidArgument(str(error), reason="BAD_TRACKS", violations=[FieldViolation(error.field, error.description)])
-    if isinstance(error, presets.PresetError):
-        return InvalidArgument(str(error), violations=[FieldViolation("options.method", str(error))])
-    if isinstance(error, NoCheckpoint):
-        return FailedPrecondition(str(error), reason="NO_CHECKPOINT")
-    if isinstance(error, LeaseLost):
-        return Aborted(f"training stopped: {error}", reason="LEASE_LOST")
-    if isinstance(error, TrainingFailed):
-        return Aborted(f"training failed: {error}", reason="TRAINING_FAILED")
-    if isinstance(error, TrainingInterrupted):
-        return Unavailable(str(error), retry_after_s=_SHUTDOWN_RETRY_S)
-    if isinstance(error, CheckpointWriteFailed):
-        return Internal("training finished but its checkpoint could not be stored", reason="TRAINING_FAILED")
-    log.error("unmapped smoother error", error=repr(error))
-    return Internal("internal error; the server log has the details")
 
 
 def add_to(host: ServiceHost, servicer: SmootherServicer) -> None:

@@ -25,6 +25,7 @@ from prometheus_client import Counter, Gauge
 
 from mocap_common.background import EventRuns, run_stoppable_thread
 from mocap_common.lease_client import LeaseLost, lease
+from mocap_common.lease_metrics import LeaseRunOutcome
 from mocap_common.logs import get_logger
 from mocap_common.procs import finish_uncancellable
 from smoother_svc.checkpoints import CheckpointInfo, CheckpointStore
@@ -117,13 +118,11 @@ class Trainer:
 
     async def _session(self, config: TrainingConfig, device: str, job: str, acquire_timeout_s: float,
                        emit: Callable[[TrainEvent], None]) -> None:
-        outcome = "failed"
-        try:
+        with LeaseRunOutcome(TRAINING_RUNS, log, "training finished") as run:
             async with lease(self.settings.resource_addr, kind="training", holder_service="smoother", job=job,
                              device=device, ttl_s=self.settings.lease_ttl_s,
                              acquire_timeout_s=acquire_timeout_s) as held:
-                TRAINING_ACTIVE.inc()
-                try:
+                with TRAINING_ACTIVE.track_inprogress():
                     log.info("training lease held", lease=held.name, device=held.device, config=config)
                     emit(LeaseGranted(held.name, held.device))
                     trained = await self._train_in_thread(config, held.torch_device(), held.name, emit)
@@ -135,18 +134,7 @@ class Trainer:
                     info = publishing.result()
                     await asyncio.to_thread(self.served.get)  # load it now, so the next Smooth does not wait
                     emit(CheckpointPublished(info, held.name))
-                    outcome = "succeeded"
-                finally:
-                    TRAINING_ACTIVE.dec()
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
-        except LeaseLost:
-            outcome = "lease_lost"
-            raise
-        finally:
-            TRAINING_RUNS.labels(outcome).inc()
-            log.info("training finished", outcome=outcome)
+                    run.succeeded()
 
     async def _train_in_thread(self, config: TrainingConfig, device: str, lease_name: str,
                                emit: Callable[[TrainEvent], None]) -> TrainedModel:

@@ -3,16 +3,15 @@
     python -m tracker_svc track VIDEO --out tracks.npz [--max-persons N] [--overlay out.mp4]
                                       [--device cpu|cuda] [--threads N] [--model-dir DIR]
 
-`run_track` is the function behind it; the user CLI's `mocap track` runs this command as a child
-process (the gateway never imports the tracker: its install has no torch). Any other
-`python -m tracker_svc ...` invocation (e.g. compose's `--host 0.0.0.0 --port 50052`) is handed to
-the gRPC server's `tracker_svc.server.main(argv)`, which lives in its own module.
+Also `python -m tracker_svc.cli track ...`; `python -m tracker_svc` without `track` is the gRPC
+service (tracker_svc/__main__.py). `run_track` is the function behind it; the user CLI's
+`mocap track` runs this command as a child process (the gateway never imports the tracker: its
+install has no torch).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -88,22 +87,7 @@ def render_overlay(video: Path | str, track_set: PoseTrackSet, out_path: Path | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] != "track":
-        return _serve(argv)
-    return _track_command(argv)
-
-
-def _serve(argv: list[str]) -> int:
-    try:
-        server = importlib.import_module("tracker_svc.server")
-    except ModuleNotFoundError as exc:
-        if exc.name != "tracker_svc.server":
-            raise
-        print("usage: python -m tracker_svc track VIDEO --out FILE ... (the gRPC server is not built yet)",
-              file=sys.stderr)
-        return 2
-    return int(server.main(argv) or 0)
+    return _track_command(sys.argv[1:] if argv is None else argv)
 
 
 def _track_command(argv: list[str]) -> int:
@@ -132,3 +116,7 @@ def _track_command(argv: list[str]) -> int:
         return 1
     print("\n".join(summary.lines()))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

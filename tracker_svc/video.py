@@ -9,6 +9,13 @@ that are still arriving.
 Pictures are turned upright by the stream's display matrix and stamped with their presentation
 times (strictly increasing, also for AVI with B-frames): see mocap_common.media.
 
+Damaged files. Frames the decoder refuses (a few kB of garbage mid-file) are skipped and counted
+(`reader.undecodable_frames`, in the call's result and the job's quality report); the frame
+indices count only the frames that decoded. When more than MAX_UNDECODABLE_FRACTION (10 %) of the
+video's frames cannot be decoded, reading stops with VideoDamagedError: as soon as the
+container's own frame count shows it, else at the end. Error messages never carry FFmpeg's text
+(error numbers, function names, file paths): that goes to the log.
+
 A `ByteFeed` is a read-only file object that another thread (or an asyncio task through
 `asyncio.to_thread`) fills chunk by chunk; reads block until more bytes or the end arrive.
 Containers that can be demuxed front to back (Matroska/WebM, MPEG-TS, AVI, MP4 with the index
@@ -34,9 +41,12 @@ from pathlib import Path
 import av
 import numpy as np
 
-from mocap_common.media import TimedFrame, presentation_frames, upright_rgb, upright_size
+from mocap_common.logs import get_logger
+from mocap_common.media import DecodeDamage, TimedFrame, presentation_frames, upright_rgb, upright_size
 from mocap_common.poses import VideoInfo
 from tracker_svc.errors import VideoError
+
+log = get_logger(__name__)
 
 DEFAULT_MAX_BUFFERED = 32 << 20  # bytes a ByteFeed holds before feed() blocks (backpressure)
 SNIFF_BYTES = 64 << 10  # how far into the stream the container check may look
@@ -49,6 +59,20 @@ SPOOL_CHUNK = 1 << 20
 DARK_LEVEL = 128.0
 MAX_GAIN = 8.0
 _LEVEL_STRIDE = 8  # the level is read from every 8th row and column
+# More than this fraction of a video's frames undecodable and the video is refused (VIDEO_DAMAGED):
+# a few damaged kB cost a handful of frames (the decoder resyncs at the next keyframe); past a tenth
+# the animation would be more gaps than motion.
+MAX_UNDECODABLE_FRACTION = 0.10
+
+
+class VideoDamagedError(VideoError):
+    """More than `limit` of the video's frames could not be decoded."""
+
+    def __init__(self, undecodable: int, total: int, limit: float, *, at_least: bool = False) -> None:
+        self.undecodable, self.total, self.limit = undecodable, total, limit
+        count = f"at least {undecodable}" if at_least else f"{undecodable}"
+        super().__init__(f"{count} of the video's {total} frames could not be decoded (more than the "
+                         f"{limit * 100:g} % the tracker accepts); the file is damaged")
 
 
 class ByteFeed:
@@ -182,21 +206,32 @@ class VideoReader:
     and `info` must give the upright size before tracking starts.
     """
 
-    def __init__(self, container: av.container.InputContainer, *, streaming: bool, decode_threads: int) -> None:
+    def __init__(self, container: av.container.InputContainer, *, streaming: bool, decode_threads: int,
+                 max_undecodable_fraction: float = MAX_UNDECODABLE_FRACTION) -> None:
         self._container = container
         self.streaming = streaming  # True when decoding while bytes arrive
         self._stream = container.streams.video[0]
         self._stream.thread_type = "AUTO" if decode_threads != 1 else "SLICE"
         self._stream.codec_context.thread_count = decode_threads
-        self._frames = presentation_frames(container, self._stream)
+        self._max_undecodable = max_undecodable_fraction
+        self._damage = DecodeDamage()
+        self._frames = presentation_frames(container, self._stream, self._damage)
         self._first = self._decode_first()
         self.info = self._probe()
+
+    @property
+    def undecodable_frames(self) -> int:
+        """Frames skipped so far because they did not decode (final once `batches()` has ended)."""
+        return self._damage.undecodable
 
     def _decode_first(self) -> TimedFrame | None:
         try:
             return next(self._frames, None)
         except av.error.FFmpegError as exc:
-            raise VideoError(f"decoding failed at the first frame: {exc}") from exc
+            log.warning("video unreadable before its first frame", detail=str(exc), error=type(exc).__name__,
+                        **self._damage_fields())
+            raise VideoError("the video's container is damaged or truncated: "
+                             "no frame could be read from it") from exc
 
     def _probe(self) -> VideoInfo:
         stream = self._stream
@@ -238,13 +273,47 @@ class VideoReader:
                 rgb.append(brightened(picture) if brighten_dark else picture)
                 stamps.append(timed.timestamp_s)
                 if len(rgb) == batch_size:
+                    self._check_damage(final=False)
                     yield FrameBatch(rgb, np.arange(index, index + len(rgb), dtype=np.int64), np.array(stamps))
                     index += len(rgb)
                     rgb, stamps = [], []
         except av.error.FFmpegError as exc:
-            raise VideoError(f"decoding failed after {index + len(rgb)} frames: {exc}") from exc
+            # The demuxer gave up (the container, not a frame, is damaged), or a decoded picture
+            # would not convert: FFmpeg's text (error numbers, function names, paths) is for the log.
+            done = index + len(rgb)
+            log.warning("video unreadable past a point", frames=done, detail=str(exc), error=type(exc).__name__,
+                        **self._damage_fields())
+            raise VideoError(f"the file is damaged: reading stopped after {done} frames") from exc
+        self._check_damage(final=True)
         if rgb:
             yield FrameBatch(rgb, np.arange(index, index + len(rgb), dtype=np.int64), np.array(stamps))
+
+    def _check_damage(self, *, final: bool) -> None:
+        """Raises VideoDamagedError past the limit: at the end on the real total, earlier when
+        the container's frame count already shows it. Only MP4/MOV's count is used for that: it is
+        the sample table's, never below the real count (AVI's header may cover only its first
+        RIFF part, Matroska and MPEG-TS have none)."""
+        damage, limit = self._damage, self._max_undecodable
+        if not damage.undecodable:
+            return
+        if final:
+            total = damage.frames + damage.undecodable
+            log.warning("undecodable frames skipped", undecodable=damage.undecodable, frames=total,
+                        **self._damage_fields())
+            if damage.undecodable > limit * total:
+                raise VideoDamagedError(damage.undecodable, total, limit)
+            return
+        announced = (self._stream.frames or 0) if self._container.format.name.startswith("mov,") else 0
+        if announced and damage.undecodable > limit * max(announced, damage.packets):
+            log.warning("too many undecodable frames; stopping early", undecodable=damage.undecodable,
+                        announced_frames=announced, **self._damage_fields())
+            raise VideoDamagedError(damage.undecodable, max(announced, damage.packets), limit, at_least=True)
+
+    def _damage_fields(self) -> dict[str, object]:
+        damage = self._damage
+        return {"decoded_frames": damage.frames, "refusals": dict(damage.errors), "recoveries": damage.recoveries,
+                "first_error": damage.first_error, "container": self._container.format.name,
+                "codec": self._stream.codec_context.name}
 
 
 def brightened(rgb: np.ndarray) -> np.ndarray:
@@ -310,7 +379,10 @@ def _open_container(source: str | ByteFeed, *, streaming: bool, decode_threads: 
     try:
         container = av.open(source, mode="r")
     except av.error.FFmpegError as exc:
-        raise VideoError(f"cannot open the video: {exc}") from exc
+        # FFmpeg's text names the spool file's path and its own error numbers: log it, say less.
+        log.warning("video cannot be opened", detail=str(exc), error=type(exc).__name__)
+        raise VideoError("the input is not a video this tracker can read "
+                         "(an unknown format, or its header is damaged)") from exc
     try:
         if not container.streams.video:
             raise VideoError("the input has no video stream")

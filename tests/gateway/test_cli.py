@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from gateway import cli
+from gateway import cli, client
 from mocap.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.gateway.helpers import Client
 from tests.support import REPO, RUNNER_MP4, free_port
@@ -148,10 +148,10 @@ async def test_submit_resumes_a_broken_upload_by_itself(gateway, tmp_path):
     breaker = _BreakFirstUpload(after_chunks=3)
 
     def upload() -> common_pb2.Job:
-        conn = cli.Connection(f"127.0.0.1:{gateway.port}", "")
+        conn = client.Connection(f"127.0.0.1:{gateway.port}", "")
         conn.stub = gateway_pb2_grpc.GatewayServiceStub(grpc.intercept_channel(conn.channel, breaker))
         try:
-            return cli.upload_video(conn, RUNNER_MP4, options=common_pb2.JobOptions(), request_id="cli-resume-1",
+            return client.upload_video(conn, RUNNER_MP4, options=common_pb2.JobOptions(), request_id="cli-resume-1",
                                     sha256=hashlib.sha256(data).hexdigest(), chunk_bytes=256 * 1024)
         finally:
             conn.close()

@@ -8,6 +8,7 @@ import json
 
 import grpc
 import pytest
+from google.rpc import code_pb2, error_details_pb2
 
 from mocap.v1 import common_pb2, gateway_pb2
 from tests.gateway.helpers import Client, rpc_error, sha256_of
@@ -18,6 +19,17 @@ RUNNING = common_pb2.JOB_STATE_RUNNING
 
 def job_dir(data_dir, job):
     return data_dir / "jobs" / job.name.removeprefix("jobs/")
+
+
+def status_of(error: common_pb2.JobError) -> tuple[str, str, dict[str, str]]:
+    """JobError.status as a client reads any mesh error: (code name, ErrorInfo reason, its
+    metadata), checking that it says what the JobError's own fields say."""
+    status = error.status
+    assert status.message == error.message
+    [detail] = status.details
+    info = error_details_pb2.ErrorInfo()
+    assert detail.Unpack(info) and info.domain == "mocapmesh.dev"
+    return code_pb2.Code.Name(status.code), info.reason, dict(info.metadata)
 
 
 async def test_job_succeeds_with_verified_artifacts_and_merged_quality(client, stages, runner_bytes, data_dir):
@@ -148,6 +160,7 @@ async def test_cancel_mid_stage_reaches_the_stage_and_ends_cancelled(start_gatew
         cancelled = await client.stub.CancelJob(gateway_pb2.CancelJobRequest(name=job.name))
         assert cancelled.state == CANCELLED and cancelled.error.reason == "CANCELLED"
         assert cancelled.error.stage == common_pb2.JOB_STAGE_UNSPECIFIED
+        assert status_of(cancelled.error) == ("CANCELLED", "CANCELLED", {})
         assert await asyncio.to_thread(stages.exporter.knobs.cancelled.wait, 10)  # the stage saw the cancel
         # Cancelling an ended job returns it unchanged; the events end with CANCELLED.
         again = await client.stub.CancelJob(gateway_pb2.CancelJobRequest(name=job.name))
@@ -205,26 +218,31 @@ async def test_stage_down_fails_with_stage_unavailable_after_the_retry_budget(st
         events = await client.events(job.name)
     assert job.state == FAILED and job.error.reason == "STAGE_UNAVAILABLE" and job.stage == common_pb2.JOB_STAGE_SMOOTH
     assert "smoother" in job.error.message and "3 attempts" in job.error.message
+    assert status_of(job.error) == ("UNAVAILABLE", "STAGE_UNAVAILABLE", {"stage": "SMOOTH"})
+    assert events[-1].state == FAILED and events[-1].job.error.status == job.error.status  # the event carries it too
     retries = [e for e in events if e.type == gateway_pb2.JOB_EVENT_TYPE_STAGE_RETRY]
     assert len(retries) == 2 and all(e.stage == common_pb2.JOB_STAGE_SMOOTH for e in retries)
     assert sorted(p.name for p in job_dir(data_dir, job).iterdir()) == ["input.mp4"]  # tracks.raw.pb removed
 
 
-@pytest.mark.parametrize(("stage", "mode", "reason", "failed_stage", "text"), [
-    ("tracker", "fail", "STAGE_FAILED", common_pb2.JOB_STAGE_TRACK, "could not decode frame 12"),
-    ("tracker", "no_person", "NO_PERSON", common_pb2.JOB_STAGE_TRACK, "no person"),
-    ("smoother", "fail", "STAGE_FAILED", common_pb2.JOB_STAGE_SMOOTH, "BAD_TRACKS"),
-    ("exporter", "fail", "STAGE_FAILED", common_pb2.JOB_STAGE_EXPORT, "UNSOLVABLE"),
-    ("exporter", "corrupt", "STAGE_FAILED", common_pb2.JOB_STAGE_EXPORT, "corrupt"),
+@pytest.mark.parametrize(("stage", "mode", "reason", "failed_stage", "text", "code"), [
+    ("tracker", "fail", "STAGE_FAILED", common_pb2.JOB_STAGE_TRACK, "could not decode frame 12", "UNKNOWN"),
+    ("tracker", "no_person", "NO_PERSON", common_pb2.JOB_STAGE_TRACK, "no person", "FAILED_PRECONDITION"),
+    ("smoother", "fail", "STAGE_FAILED", common_pb2.JOB_STAGE_SMOOTH, "BAD_TRACKS", "UNKNOWN"),
+    ("exporter", "fail", "STAGE_FAILED", common_pb2.JOB_STAGE_EXPORT, "UNSOLVABLE", "UNKNOWN"),
+    ("exporter", "corrupt", "STAGE_FAILED", common_pb2.JOB_STAGE_EXPORT, "corrupt", "UNKNOWN"),
 ])
 async def test_stage_failures_end_the_job_failed_and_clean(start_gateway, stages, runner_bytes, data_dir,
-                                                            stage, mode, reason, failed_stage, text):
+                                                            stage, mode, reason, failed_stage, text, code):
     gateway = await start_gateway()
     getattr(stages, stage).knobs.mode = mode
     async with Client(f"127.0.0.1:{gateway.port}") as client:
         job = await client.wait((await client.upload(runner_bytes)).name)
     assert job.state == FAILED and job.error.reason == reason and job.stage == failed_stage
     assert job.error.stage == failed_stage and text in job.error.message
+    # GetJob's error is also a google.rpc.Status shaped like the mesh's RPC errors.
+    stage_name = common_pb2.JobStage.Name(failed_stage).removeprefix("JOB_STAGE_")
+    assert status_of(job.error) == (code, reason, {"stage": stage_name})
     assert "/var/lib" not in job.error.message  # a stage's server paths are not passed on
     assert not job.artifacts
     assert sorted(p.name for p in job_dir(data_dir, job).iterdir()) == ["input.mp4"]
@@ -236,6 +254,7 @@ async def test_stage_deadline_fails_with_stage_timeout(start_gateway, stages, ru
     async with Client(f"127.0.0.1:{gateway.port}") as client:
         job = await client.wait((await client.upload(runner_bytes)).name, timeout_s=30)
     assert job.state == FAILED and job.error.reason == "STAGE_TIMEOUT" and job.stage == common_pb2.JOB_STAGE_TRACK
+    assert status_of(job.error) == ("DEADLINE_EXCEEDED", "STAGE_TIMEOUT", {"stage": "TRACK"})
     assert await asyncio.to_thread(stages.tracker.knobs.cancelled.wait, 10)
 
 

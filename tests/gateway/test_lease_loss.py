@@ -43,6 +43,17 @@ async def _wait_for_active_lease(address: str, timeout_s: float = 120.0) -> None
             await asyncio.sleep(0.02)
 
 
+async def _wait_for_track_progress(client: Client, name: str, timeout_s: float = 120.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        job = await client.get(name)
+        if job.stage == common_pb2.JOB_STAGE_TRACK and job.progress > 0:
+            return
+        assert job.state in (common_pb2.JOB_STATE_QUEUED, common_pb2.JOB_STATE_RUNNING), job
+        assert asyncio.get_running_loop().time() < deadline, "the track stage never reported progress"
+        await asyncio.sleep(0.02)
+
+
 async def test_a_tracker_that_loses_its_broker_fails_the_job_without_leaking_addresses(
         start_gateway, broker_and_tracker, runner_bytes):
     broker, tracker = broker_and_tracker
@@ -50,6 +61,10 @@ async def test_a_tracker_that_loses_its_broker_fails_the_job_without_leaking_add
     async with Client(f"127.0.0.1:{gateway.port}") as client:
         job = await client.upload(runner_bytes)
         await _wait_for_active_lease(broker.address)  # the tracker holds its lease and is tracking
+        # ... and has answered (progress reached the job): from here the stage cannot be retried,
+        # so the loss must end the job as LEASE_LOST. Killed earlier, the broker would make the
+        # tracker answer UNAVAILABLE, which the gateway retries (a different, correct outcome).
+        await _wait_for_track_progress(client, job.name)
         await asyncio.to_thread(broker.kill)  # SIGKILL: keep-alives now fail with "Connection refused"
         ended = await client.wait(job.name, timeout_s=120)
         events = await client.events(job.name)

@@ -9,7 +9,8 @@ import random
 
 import pytest
 
-from gateway.pipeline import RetrySchedule, safe_message
+from gateway.messages import safe_message
+from gateway.pipeline import RetrySchedule
 from mocap_common.errors import ServiceError
 from mocap_common.lease_client import LeaseClient
 from tests.gateway.leaks import LEAKS

@@ -34,6 +34,7 @@ async def test_another_tenants_job_is_not_found_on_every_rpc(tenants_gateway, ru
         job = await alice.upload(runner_bytes, request_id="shared-id")
         done = await alice.wait(job.name)
         artifact = done.artifacts[0].name
+        upload = await alice.stub.GetUpload(gateway_pb2.GetUploadRequest(request_id="shared-id"), metadata=alice.metadata)
         md = bob.metadata
         calls = {
             "GetJob": bob.get(job.name),
@@ -42,6 +43,7 @@ async def test_another_tenants_job_is_not_found_on_every_rpc(tenants_gateway, ru
             "WatchJob": bob.events(job.name),
             "DownloadArtifact": bob.download(artifact),
             "GetUpload": bob.stub.GetUpload(gateway_pb2.GetUploadRequest(request_id="shared-id"), metadata=md),
+            "GetUpload by name": bob.stub.GetUpload(gateway_pb2.GetUploadRequest(name=upload.name), metadata=md),
         }
         for rpc, call in calls.items():
             err = await rpc_error(call)

@@ -127,6 +127,16 @@ async def test_broken_upload_resumes_to_a_byte_identical_file(client, runner_byt
     upload = await _committed(client, "resume-1", expected=3 * step)
     assert upload.state == gateway_pb2.UPLOAD_STATE_ACTIVE and upload.size_bytes == len(runner_bytes)
     assert upload.expire_time.seconds > 0
+    # The upload is a resource too: its name finds it as well as its request_id does.
+    assert upload.name.startswith("uploads/j-") and upload.request_id == "resume-1"
+    assert await client.stub.GetUpload(gateway_pb2.GetUploadRequest(name=upload.name)) == upload
+    for both_or_neither in (gateway_pb2.GetUploadRequest(request_id="resume-1", name=upload.name),
+                            gateway_pb2.GetUploadRequest()):
+        refused = await rpc_error(client.stub.GetUpload(both_or_neither))
+        assert refused.code == grpc.StatusCode.INVALID_ARGUMENT and refused.violations
+    for bad, code in (("jobs/" + upload.name.removeprefix("uploads/"), grpc.StatusCode.INVALID_ARGUMENT),
+                      ("uploads/j-aaaaaaaaaaaaaaaaaaaa", grpc.StatusCode.NOT_FOUND)):
+        assert (await rpc_error(client.stub.GetUpload(gateway_pb2.GetUploadRequest(name=bad)))).code == code
     # Resuming from anywhere but the committed offset is refused, naming the right offset.
     wrong = await rpc_error(client.send([header(runner_bytes, request_id="resume-1", resume_offset=step)]))
     assert wrong.code == grpc.StatusCode.FAILED_PRECONDITION and wrong.reason == "UPLOAD_OFFSET_MISMATCH"
@@ -138,6 +148,7 @@ async def test_broken_upload_resumes_to_a_byte_identical_file(client, runner_byt
     assert (data_dir / "jobs" / job.name.removeprefix("jobs/") / "input.mp4").read_bytes() == runner_bytes
     done = await client.stub.GetUpload(gateway_pb2.GetUploadRequest(request_id="resume-1"))
     assert done.state == gateway_pb2.UPLOAD_STATE_COMPLETE and done.job == job.name
+    assert done.name == upload.name and await client.stub.GetUpload(gateway_pb2.GetUploadRequest(name=done.name)) == done
 
 
 async def test_interrupted_upload_survives_a_gateway_restart(start_gateway, runner_bytes, data_dir):

@@ -62,7 +62,7 @@ async def test_holder_that_stops_renewing_is_reclaimed_within_ttl_plus_1s_and_th
         assert seconds(reclaim.time) - seconds(silent.expire_time) < 1.0
         code, reason, _ = await _error(rs.Release(resource_pb2.ReleaseRequest(
             name=silent.name, fencing_token=silent.fencing_token), timeout=5))
-        assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "LEASE_LOST")
+        assert (code, reason) == (grpc.StatusCode.ABORTED, "LEASE_LOST")
     assert "lease reclaimed" in broker.log_text() and "holder_pid=111" in broker.log_text()
 
 
@@ -129,11 +129,11 @@ async def test_request_id_is_idempotent_and_stale_tokens_are_refused(broker):
         for token in (lease.fencing_token + 1, other.fencing_token + 7):
             code, reason, details = await _error(rs.Release(resource_pb2.ReleaseRequest(
                 name=lease.name, fencing_token=token), timeout=5))
-            assert (code, reason, details.metadata["lease"]) == (grpc.StatusCode.FAILED_PRECONDITION, "LEASE_LOST",
+            assert (code, reason, details.metadata["lease"]) == (grpc.StatusCode.ABORTED, "LEASE_LOST",
                                                                  lease.name)
         code, reason, _ = await _error(rs.Renew(resource_pb2.RenewRequest(
             name=lease.name, fencing_token=lease.fencing_token + 1), timeout=5))
-        assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "LEASE_LOST")
+        assert (code, reason) == (grpc.StatusCode.ABORTED, "LEASE_LOST")
         assert (await rs.ValidateLease(resource_pb2.ValidateLeaseRequest(
             name=lease.name, fencing_token=lease.fencing_token), timeout=5)).valid
         released = await rs.Release(resource_pb2.ReleaseRequest(name=lease.name, fencing_token=lease.fencing_token),
@@ -147,7 +147,7 @@ async def test_request_id_is_idempotent_and_stale_tokens_are_refused(broker):
         assert not validation.valid and validation.lease.state == resource_pb2.LEASE_STATE_RELEASED
         code, reason, _ = await _error(rs.Acquire(acquire_request(INFERENCE, request_id="job-42.step:1"),
                                                   timeout=5))
-        assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "LEASE_LOST")  # that grant is over
+        assert (code, reason) == (grpc.StatusCode.ABORTED, "LEASE_LOST")  # that grant is over
 
 
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
@@ -233,6 +233,31 @@ async def test_listings_pages_and_devices(broker):
         assert (device.id, device.kind, device.uuid) == ("cpu:0", resource_pb2.DEVICE_KIND_CPU, "")
         usage = {s.kind: (s.total, s.used, s.waiting) for s in device.slots}
         assert usage == {TRAINING: (1, 1, 0), INFERENCE: (2, 0, 0)}
+
+
+async def test_devices_come_in_pages_and_page_size_0_is_all_of_them(start_broker):
+    broker = start_broker("--cpu-devices", "5")
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        rs = stub(channel)
+        everything = await rs.ListDevices(resource_pb2.ListDevicesRequest(), timeout=5)  # as before paging
+        ids = [f"cpu:{n}" for n in range(5)]
+        assert [d.id for d in everything.devices] == ids and everything.next_page_token == ""
+        seen, token, pages = [], "", 0
+        while True:
+            page = await rs.ListDevices(resource_pb2.ListDevicesRequest(page_size=2, page_token=token), timeout=5)
+            seen += [d.id for d in page.devices]
+            pages += 1
+            token = page.next_page_token
+            if not token:
+                break
+        assert seen == ids and pages == 3
+        first = await rs.ListDevices(resource_pb2.ListDevicesRequest(page_size=3), timeout=5)
+        rest = await rs.ListDevices(resource_pb2.ListDevicesRequest(page_token=first.next_page_token), timeout=5)
+        assert [d.id for d in rest.devices] == ids[3:] and rest.next_page_token == ""
+        for bad, field in ((resource_pb2.ListDevicesRequest(page_size=-1), "page_size"),
+                           (resource_pb2.ListDevicesRequest(page_token="bm9wZQ"), "page_token")):
+            code, _, details = await _error(rs.ListDevices(bad, timeout=5))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and details.violations[0].field == field
 
 
 async def test_invalid_requests_are_refused_with_the_field_named(broker):

@@ -1,5 +1,5 @@
 """The smoother through its public gRPC surface, as real child processes: Smooth, SmoothStream,
-ListCheckpoints, errors, and Train under a real resource broker (resource_svc) — the lease is
+ListCheckpoints (and its pages), errors, and Train under a real resource broker (resource_svc) — the lease is
 ACTIVE while training and RELEASED after, also when training fails, is cancelled, or loses its
 lease."""
 
@@ -17,16 +17,26 @@ import pytest
 from mocap.v1 import common_pb2, resource_pb2, resource_pb2_grpc, smoother_pb2, smoother_pb2_grpc
 from mocap_common.posecodec import chunk_tracks, track_set_to_proto, video_to_proto
 from mocap_common.poses import PoseTrack, PoseTrackSet
+from mocap_common.paging import encode_token
 from mocap_common.rpc_errors import describe_rpc_error
 from smoother_svc import presets
+from smoother_svc.checkpoints import CheckpointStore
 from smoother_svc.noise import load_noise_model
 from smoother_svc.reference_data import load_clip, noisy_track, track_set
+from smoother_svc.smoothnet import SmoothNet
+from smoother_svc.training import TrainedModel, TrainingConfig
 from tests.smoother.helpers import MOCAP_DIR
 from tests.support import ServiceProcess
 
 # A tiny training run: enough to exercise every step, a few seconds on one core.
 TINY_TRAIN = smoother_pb2.TrainRequest(epochs=1, steps_per_epoch=8, batch_size=32, seed=5)
 STANDARD = smoother_pb2.SmoothOptions(preset=common_pb2.SMOOTHING_PRESET_STANDARD)
+LEARNED = smoother_pb2.SMOOTHING_METHOD_LEARNED
+
+
+def method_enum(label: str) -> int:
+    """The SmoothingMethod of one of the smoother's method labels ("kalman_rts", "savgol", ...)."""
+    return smoother_pb2.SmoothingMethod.Value("SMOOTHING_METHOD_" + {"savgol": "SAVITZKY_GOLAY"}.get(label, label).upper())
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +60,27 @@ def smoother_process(workdir: Path, name: str, broker_address: str, *extra: str)
 @pytest.fixture(scope="module")
 def smoother(workdir, broker):
     with smoother_process(workdir, "main", broker.address) as process:
+        yield process
+
+
+def untrained_checkpoint() -> TrainedModel:
+    """A checkpoint as cheap as one can be: an untrained network (for listings, not smoothing)."""
+    return TrainedModel(state_dict=SmoothNet(window=32).state_dict(), window=32, epochs_completed=0, steps=0,
+                        val_accel_error_mm=0.0, val_mpjpe_mm=0.0, val_accel_error_input_mm=0.0, val_mpjpe_input_mm=0.0,
+                        config=TrainingConfig(seed=1), noise_source="test: untrained")
+
+
+@pytest.fixture(scope="module")
+def five_checkpoints(workdir):
+    store = CheckpointStore(workdir / "five" / "checkpoints")
+    for _ in range(5):
+        store.save(untrained_checkpoint())
+    return store
+
+
+@pytest.fixture(scope="module")
+def five_checkpoints_smoother(workdir, broker, five_checkpoints):
+    with smoother_process(workdir, "five", broker.address) as process:
         yield process
 
 
@@ -120,6 +151,7 @@ async def test_smooth_cuts_jitter_and_fills_short_gaps(smoother):
     options = smoother_pb2.SmoothOptions(preset=common_pb2.SMOOTHING_PRESET_LIGHT)
     response = await smooth(smoother.address, tracks, options)
     assert response.method == presets.PRESET_METHOD[presets.LIGHT]
+    assert response.applied_method == method_enum(response.method) and response.checkpoint == ""  # the same, as an enum
     [metrics] = response.metrics
     assert metrics.track_id == 1 and metrics.frames_filled == 3
     assert metrics.jitter_after_mm < 0.3 * metrics.jitter_before_mm
@@ -136,6 +168,7 @@ async def test_presets(smoother, preset):
     response = await smooth(smoother.address, tracks, smoother_pb2.SmoothOptions(preset=preset))
     if preset == common_pb2.SMOOTHING_PRESET_OFF:  # the tracker's output, untouched, gaps included
         assert response.method == "none" and response.metrics[0].frames_filled == 0
+        assert response.applied_method == smoother_pb2.SMOOTHING_METHOD_NONE
         assert response.tracks == track_set_to_proto(tracks)
     else:
         assert response.method == presets.PRESET_METHOD[presets.STRONG]
@@ -161,6 +194,7 @@ async def test_stream_gives_exactly_the_unary_result(smoother):
             else:
                 summary = message.summary
     assert summary is not None and summary.method == unary.method
+    assert (summary.applied_method, summary.checkpoint) == (unary.applied_method, unary.checkpoint)
     assert list(summary.metrics) == list(unary.metrics)
     assert sorted(pieces) == [1, 2, 3]
     for track in unary.tracks.tracks:
@@ -207,7 +241,41 @@ async def test_learned_without_checkpoint_is_a_failed_precondition(no_checkpoint
     assert details.code == grpc.StatusCode.FAILED_PRECONDITION and details.reason == "NO_CHECKPOINT"
     # the STANDARD preset falls back to its classical choice instead of failing jobs
     fallback = presets.CLASSICAL_CHOICE[presets.STANDARD]
-    assert (await smooth(no_checkpoint_smoother.address, noisy_set())).method == fallback
+    response = await smooth(no_checkpoint_smoother.address, noisy_set())
+    assert response.method == fallback
+    assert response.applied_method == method_enum(fallback) and response.checkpoint == ""
+
+
+# --- ListCheckpoints -------------------------------------------------------------------------
+
+
+async def test_list_checkpoints_pages_newest_first(five_checkpoints_smoother, five_checkpoints):
+    async with grpc.aio.insecure_channel(five_checkpoints_smoother.address) as channel:
+        stub = smoother_pb2_grpc.SmootherServiceStub(channel)
+        # page_size 0, what a client from before paging sends: every checkpoint in one page.
+        whole = await stub.ListCheckpoints(smoother_pb2.ListCheckpointsRequest(), timeout=10)
+        assert [c.name for c in whole.checkpoints] == [f"checkpoints/v{n}" for n in (5, 4, 3, 2, 1)]
+        assert whole.next_page_token == ""
+
+        first = await stub.ListCheckpoints(smoother_pb2.ListCheckpointsRequest(page_size=2), timeout=10)
+        assert [c.version for c in first.checkpoints] == ["v5", "v4"] and first.next_page_token
+        five_checkpoints.save(untrained_checkpoint())  # v6 appears between two pages: nothing repeats
+        seen, token = [c.version for c in first.checkpoints], first.next_page_token
+        while token:
+            page = await stub.ListCheckpoints(smoother_pb2.ListCheckpointsRequest(page_size=2, page_token=token), timeout=10)
+            assert len(page.checkpoints) <= 2
+            seen += [c.version for c in page.checkpoints]
+            token = page.next_page_token
+        assert seen == ["v5", "v4", "v3", "v2", "v1"]
+        rest = await stub.ListCheckpoints(smoother_pb2.ListCheckpointsRequest(page_token=first.next_page_token), timeout=10)
+        assert [c.version for c in rest.checkpoints] == ["v3", "v2", "v1"] and rest.next_page_token == ""
+
+        foreign = encode_token("devices", ("cpu", 0, "cpu:0"))  # a ListDevices token
+        for bad, field in ((smoother_pb2.ListCheckpointsRequest(page_size=-1), "page_size"),
+                           (smoother_pb2.ListCheckpointsRequest(page_token="not-a-token"), "page_token"),
+                           (smoother_pb2.ListCheckpointsRequest(page_token=foreign), "page_token")):
+            details = await rpc_error(stub.ListCheckpoints(bad, timeout=10))
+            assert details.code == grpc.StatusCode.INVALID_ARGUMENT and details.violations[0].field == field
 
 
 # --- Train ----------------------------------------------------------------------------------
@@ -225,6 +293,7 @@ async def test_train_holds_the_lease_while_training_and_then_serves_the_checkpoi
             else:
                 checkpoint = message.checkpoint
         assert checkpoint is not None and checkpoint.version == "v1" and checkpoint.epochs == 1
+        assert checkpoint.name == "checkpoints/v1"
         assert checkpoint.validation_clip == "cmu_131_03" and checkpoint.seed == 5
         assert checkpoint.val_accel_error_mm < checkpoint.val_accel_error_input_mm
         assert [p.epoch for p in progress] == [0, 1]
@@ -238,6 +307,7 @@ async def test_train_holds_the_lease_while_training_and_then_serves_the_checkpoi
         assert [c.version for c in listed] == ["v1"]
     response = await smooth(smoother.address, noisy_set())
     assert response.method == "learned:v1"  # STANDARD now uses the served checkpoint
+    assert response.applied_method == LEARNED and response.checkpoint == "checkpoints/v1"  # nothing to parse
 
 
 async def test_bad_training_parameters_ask_for_no_lease(smoother, broker):

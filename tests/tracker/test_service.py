@@ -14,6 +14,7 @@ import pytest
 
 from mocap.v1 import resource_pb2, resource_pb2_grpc, tracker_pb2, tracker_pb2_grpc
 from mocap_common.rpc_errors import describe_rpc_error
+from tests import damaged_media
 from tests.media_shapes import write_h264_mp4
 from tests.support import RUNNER_MP4, STREET_AVI, ServiceProcess, shared_file
 
@@ -95,8 +96,9 @@ async def test_runner_streams_one_track_under_a_lease_that_is_released(tracker, 
     assert result.track_count == 1 and list(frames) == [1]
     assert len(frames[1]) >= 175 and frames[1] == sorted(set(frames[1]))
     assert progress == sorted(progress) and progress[-1] <= 180
-    assert result.lease_id.startswith("leases/") and result.fencing_token > 0
-    assert await _lease_state(broker, result.lease_id) == resource_pb2.LEASE_STATE_RELEASED
+    assert result.lease.startswith("leases/") and result.fencing_token > 0
+    assert result.lease_id == result.lease  # the deprecated field keeps its value for older clients
+    assert await _lease_state(broker, result.lease) == resource_pb2.LEASE_STATE_RELEASED
 
 
 async def test_street_avi_decoded_while_streaming_gives_several_tracks(tracker):
@@ -191,3 +193,38 @@ async def test_lost_lease_aborts_the_call(tmp_path, broker):
         assert details.code == grpc.StatusCode.ABORTED and details.reason == "LEASE_LOST"
     finally:
         tracker.stop()
+
+
+async def _track(tracker, data: bytes) -> tracker_pb2.TrackResult | None:
+    result = None
+    async with grpc.aio.insecure_channel(tracker.address) as channel:
+        stub = tracker_pb2_grpc.TrackerServiceStub(channel)
+        async for response in stub.Track(_requests(data), timeout=300):
+            if response.WhichOneof("event") == "result":
+                result = response.result
+    return result
+
+
+async def test_damaged_frames_are_skipped_and_counted_in_the_result(tracker, broker, tmp_path):
+    """4 kB of garbage mid-file: the call used to end INVALID_ARGUMENT with FFmpeg's
+    "[Errno 1094995529] ... 'avcodec_send_packet()'" after the frames before it."""
+    clean = damaged_media.runner_clip(tmp_path / "clip.mp4")
+    result = await _track(tracker, damaged_media.overwrite_packet(clean, tmp_path / "damaged.mp4").read_bytes())
+    assert result is not None and result.track_count == 1
+    assert 1 <= result.undecodable_frames <= 5
+    assert result.video.frame_count + result.undecodable_frames == damaged_media.FRAMES
+    assert await _active_tracker_leases(broker) == []
+
+
+async def test_a_heavily_damaged_video_is_video_damaged_without_decoder_internals(tracker, broker, tmp_path):
+    clean = damaged_media.runner_clip(tmp_path / "clip.mp4")
+    damaged_media.damage_packets(clean, tmp_path / "heavy.mp4", 0.4)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _track(tracker, (tmp_path / "heavy.mp4").read_bytes())
+    details = describe_rpc_error(caught.value)
+    assert (details.code, details.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "VIDEO_DAMAGED"), details
+    assert "of the video's 60 frames could not be decoded" in details.message
+    assert not damaged_media.INTERNALS.search(details.message), details.message
+    assert [v.field for v in details.violations] == ["chunk"]
+    assert await _active_tracker_leases(broker) == []
+    assert not tracker.spool.exists() or list(tracker.spool.iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import threading
 import time
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from mocap_common.poses import VideoInfo
+from tests import damaged_media
 from tests.video_corpus import FFMPEG, X264, Clip, clip, make_clip, reference, require_tools
 from tracker_svc.errors import TrackingCancelled, VideoError
 from tracker_svc.video import DARK_LEVEL, MAX_GAIN, ByteFeed, brightened, needs_seeking, open_video
@@ -131,9 +133,46 @@ def test_batches_have_fixed_size(street_path: Path) -> None:
 def test_not_a_video(tmp_path: Path) -> None:
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"\x00" * 5000)
-    with pytest.raises(VideoError):
+    with pytest.raises(VideoError) as caught:
         with open_video(junk):
             pass
+    # FFmpeg's own text names the file's path and its error number: the message does not.
+    assert not damaged_media.INTERNALS.search(str(caught.value)), str(caught.value)
+
+
+def test_damaged_frames_are_skipped_and_counted_while_streaming(tmp_path: Path) -> None:
+    """4 kB of garbage mid-file used to end the call after the frames before it, with FFmpeg's
+    "[Errno 1094995529] ... 'avcodec_send_packet()'"; now the frames around it decode, in order."""
+    clean = damaged_media.runner_clip(tmp_path / "clip.mp4")
+    damaged = damaged_media.overwrite_packet(clean, tmp_path / "damaged.mp4")
+    feed = ByteFeed()
+    producer = _feed_file(feed, damaged)
+    with open_video(feed, spool_dir=tmp_path) as reader:
+        batches = list(reader.batches(8))
+        undecodable = reader.undecodable_frames
+    producer.join(5)
+    index = np.concatenate([b.index for b in batches])
+    stamps = np.concatenate([b.timestamp_s for b in batches])
+    assert 1 <= undecodable <= 5 and len(index) + undecodable == damaged_media.FRAMES
+    np.testing.assert_array_equal(index, np.arange(len(index)))
+    assert np.all(np.diff(stamps) > 0)
+    assert set(np.round(stamps, 6)) <= set(np.round(list(damaged_media.pts_seconds(clean).values()), 6))
+
+
+def test_a_heavily_damaged_video_is_refused_with_a_plain_message(tmp_path: Path) -> None:
+    from tracker_svc.video import MAX_UNDECODABLE_FRACTION, VideoDamagedError
+
+    clean = damaged_media.runner_clip(tmp_path / "clip.mp4")
+    damaged_media.damage_packets(clean, tmp_path / "heavy.mp4", 0.4)
+    with pytest.raises(VideoDamagedError) as caught:
+        with open_video(tmp_path / "heavy.mp4") as reader:
+            for _ in reader.batches(8):
+                pass
+    message = str(caught.value)
+    assert re.fullmatch(r"(at least )?\d+ of the video's 60 frames could not be decoded \(more than the 10 % "
+                        r"the tracker accepts\); the file is damaged", message), message
+    assert caught.value.undecodable > MAX_UNDECODABLE_FRACTION * caught.value.total
+    assert not damaged_media.INTERNALS.search(message)
 
 
 def test_container_sniffing() -> None:
