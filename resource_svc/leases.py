@@ -5,7 +5,7 @@ errors below to status codes in one place.
 
     BrokerError
     ├── LeaseNotFound       no such lease (GetLease)                   → NOT_FOUND
-    ├── LeaseLost           ended, stale or foreign token              → FAILED_PRECONDITION LEASE_LOST
+    ├── LeaseLost           ended, stale or foreign token              → ABORTED LEASE_LOST
     ├── NoSuchDevice        the selector matches no device             → NOT_FOUND NO_SUCH_DEVICE
     ├── NoSlot              no slot freed before the wait ran out      → DEADLINE_EXCEEDED NO_SLOT
     ├── RequestReused       request_id reused for another request      → ALREADY_EXISTS LEASE_REQUEST_REUSED

@@ -157,8 +157,7 @@ async def test_graceful_stop_drains_in_flight_calls_and_runs_every_release_step(
         # in flight; then the drain (the call finished inside the grace period); then the release
         # steps in reverse order, each although the one before failed.
         assert released == ["failing-hook", "stopping, call in flight: True", "failing", "first"]
-        assert slow.done()
-        await slow
+        await slow  # it succeeded: not cancelled by the stop
 
 
 async def test_sigterm_stops_a_serving_host_gracefully():

@@ -30,6 +30,7 @@ import av
 import numpy as np
 import pytest
 from google.protobuf import json_format
+from google.rpc import error_details_pb2  # noqa: F401 - registers ErrorInfo for JobError.status in the job JSON
 
 from mocap.v1 import common_pb2
 from mocap_common.bvh import forward_kinematics, read_bvh
