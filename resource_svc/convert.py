@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from mocap.v1 import resource_pb2
 from mocap_common.errors import FieldViolation, InvalidArgument
+from mocap_common.limits import REQUEST_ID_RULE, is_valid_request_id
 from resource_svc.leases import (
     AcquireRequest,
     DeviceKind,
@@ -30,7 +31,6 @@ MAX_WAIT_S = 3600.0
 PRIORITY_RANGE = (-100, 100)
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _LEASE_NAME = re.compile(r"^leases/[A-Za-z0-9_-]{1,64}$")
 
 KIND_TO_PROTO = {SlotKind.TRAINING: resource_pb2.SLOT_KIND_TRAINING, SlotKind.INFERENCE: resource_pb2.SLOT_KIND_INFERENCE}
@@ -81,8 +81,8 @@ def acquire_request(request: resource_pb2.AcquireRequest, time_remaining_s: floa
             violations.append(FieldViolation("ttl", f"must be {MIN_TTL_S:g} s .. {MAX_TTL_S:g} s"))
     if not PRIORITY_RANGE[0] <= request.priority <= PRIORITY_RANGE[1]:
         violations.append(FieldViolation("priority", f"must be {PRIORITY_RANGE[0]}..{PRIORITY_RANGE[1]}"))
-    if request.request_id and not _REQUEST_ID.match(request.request_id):
-        violations.append(FieldViolation("request_id", "must be 1..128 characters of [A-Za-z0-9._:-]"))
+    if request.request_id and not is_valid_request_id(request.request_id):
+        violations.append(FieldViolation("request_id", REQUEST_ID_RULE))
     max_wait_s: float | None = None
     if request.HasField("max_wait"):
         max_wait_s = seconds_of(request.max_wait)

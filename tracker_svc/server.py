@@ -22,6 +22,7 @@ from mocap_common.errors import (
     Unavailable,
 )
 from mocap_common.lease_client import LeaseLost
+from mocap_common.limits import MAX_PERSONS_LIMIT
 from mocap_common.logs import bind_context, get_logger
 from mocap_common.posecodec import track_to_proto, video_to_proto
 from mocap_common.rpc_errors import mapped_errors
@@ -34,7 +35,6 @@ from tracker_svc.video import VideoDamagedError
 
 log = get_logger(__name__)
 
-MAX_PERSONS_LIMIT = 16
 
 # The status a client sees for each named domain error (most specific class first). Any other
 # TrackerError (a model that fails to set up, an unsupported graph) is INTERNAL with a fixed
@@ -82,7 +82,7 @@ class TrackerServicer(tracker_pb2_grpc.TrackerServiceServicer):
             return self.default_max_persons
         if not 1 <= value <= MAX_PERSONS_LIMIT:
             raise InvalidArgument(f"max_persons must be 1..{MAX_PERSONS_LIMIT} (0 = default)",
-                                  violations=[FieldViolation("header.max_persons", f"{value} is not in 1..16")])
+                                  violations=[FieldViolation("header.max_persons", f"{value} is not in 1..{MAX_PERSONS_LIMIT}")])
         return value
 
 
