@@ -24,7 +24,7 @@ from pathlib import Path
 from bench.common import write_result
 from gateway.client import Connection, sha256_file, upload_video, watch_job
 from mocap.v1 import common_pb2, gateway_pb2
-from tests.support import REPO, RUNNER_MP4, STREET_AVI, free_port, wait_serving
+from tests.support import REPO, RUNNER_MP4, STREET_AVI, free_port_run, wait_serving
 
 REPEATS = 3
 GOAL = 2.0
@@ -32,9 +32,7 @@ CLIPS = {"runner_1080p": (RUNNER_MP4, 6.0), "street_720p": (STREET_AVI, 4.1)}
 
 
 def start_mesh(tmp: Path) -> tuple[subprocess.Popen, str]:
-    base = free_port()
-    while any(_busy(base + i) for i in range(5)):
-        base = free_port()
+    base = free_port_run(5)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOCAP_")}
     env.update(PYTHONUNBUFFERED="1", MOCAP_GATEWAY_DATA_DIR=str(tmp / "gateway"),
                MOCAP_RESOURCE_DB_PATH=str(tmp / "leases.sqlite3"), MOCAP_TRACKER_SPOOL_DIR=str(tmp / "spool"),
@@ -45,17 +43,6 @@ def start_mesh(tmp: Path) -> tuple[subprocess.Popen, str]:
     gateway = f"127.0.0.1:{base + 4}"
     wait_serving(gateway, timeout_s=300)
     return launcher, gateway
-
-
-def _busy(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return False
-        except OSError:
-            return True
 
 
 def run_job(conn: Connection, video: Path) -> dict[str, float]:

@@ -42,6 +42,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_run(count: int) -> int:
+    """The first of `count` consecutive TCP ports that were all free a moment ago (for the
+    launcher's --base-port, which puts the five services on base .. base + 4)."""
+    for _ in range(100):
+        base = free_port()
+        if base + count < 65000 and all(_port_free(base + i) for i in range(count)):
+            return base
+    raise RuntimeError(f"no run of {count} free ports")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def wait_serving(address: str, timeout_s: float = 60.0, service: str = "") -> None:
     """Blocks until grpc health at `address` reports SERVING, or raises TimeoutError."""
     deadline = time.monotonic() + timeout_s

@@ -10,25 +10,7 @@ import sys
 
 import pytest
 
-from tests.support import REPO, free_port, wait_serving
-
-
-def _free_run(count: int) -> int:
-    import socket
-
-    for _ in range(100):
-        base = free_port()
-        ok = True
-        for port in range(base, base + count):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no run of free ports")
+from tests.support import REPO, free_port_run, wait_serving
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +22,7 @@ def mesh(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mesh")
     # What `make setup` leaves in the directory it runs in: the smoother's first checkpoint.
     shutil.copytree(REPO / "data" / "smoother" / "checkpoints", tmp / "data" / "smoother" / "checkpoints")
-    base = _free_run(5)
+    base = free_port_run(5)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOCAP_")}
     env.update(PYTHONUNBUFFERED="1")
     launcher = subprocess.Popen(

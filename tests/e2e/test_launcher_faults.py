@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.e2e.test_mesh_boots import ORDER, _consecutive_free_ports
-from tests.support import REPO, ServiceProcess
+from tests.e2e.test_mesh_boots import ORDER
+from tests.support import REPO, ServiceProcess, free_port_run
 
 
 def _launcher_env(tmp_path: Path) -> dict[str, str]:
@@ -72,7 +72,7 @@ def _kill_all(launcher: subprocess.Popen[str], processes: list[psutil.Process]) 
 @pytest.mark.e2e
 @pytest.mark.timeout(400)
 def test_launcher_killed_with_sigkill_takes_all_five_services_with_it(tmp_path):
-    launcher = _start_launcher(tmp_path, _consecutive_free_ports(5))
+    launcher = _start_launcher(tmp_path, free_port_run(5))
     children: list[psutil.Process] = []
     try:
         output = _read_until(launcher, "all services SERVING", 300)
@@ -92,7 +92,7 @@ def test_launcher_killed_with_sigkill_takes_all_five_services_with_it(tmp_path):
 
 
 def test_launcher_refuses_a_port_someone_else_serves(tmp_path):
-    base = _consecutive_free_ports(5)
+    base = free_port_run(5)
     # An old mesh's service still running on the tracker's port (any gRPC service answers health
     # checks, and gRPC servers bind with SO_REUSEPORT, so a new one could start beside it).
     squatter = ServiceProcess("resource_svc", ["--db-path", str(tmp_path / "old.sqlite3"), "--inventory", "cpu",

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.support import REPO, free_port
+from tests.support import REPO, free_port_run
 
 pytestmark = pytest.mark.e2e
 
@@ -28,32 +28,13 @@ EXPECTED_API = {
 ORDER = ("resource", "tracker", "smoother", "exporter", "gateway")
 
 
-def _consecutive_free_ports(count: int) -> int:
-    for _ in range(50):
-        base = free_port()
-        if base + count < 65000 and all(_port_free(base + i) for i in range(count)):
-            return base
-    raise RuntimeError("no run of free ports")
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def _grpcurl(*args: str) -> str:
     return subprocess.run([str(GRPCURL), "-plaintext", *args], capture_output=True, text=True, timeout=30, check=True).stdout
 
 
 @pytest.mark.timeout(400)
 def test_make_run_boots_five_services_and_stops_them_all(tmp_path):
-    base = _consecutive_free_ports(5)
+    base = free_port_run(5)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOCAP_")}
     env.update(
         PYTHONUNBUFFERED="1",
