@@ -1,11 +1,11 @@
 """The gateway assembled: store, event hub, uploads, pipeline, orchestrator, retention and the
 gRPC server, started in order and stopped in reverse by its `ServiceHost` (`build`).
 
-    start: open the store → startup sweep → listen (NOT_SERVING) → queue jobs, start workers and
+    start: open the store (SQLite, or PostgreSQL when database_url is set; migrated) → startup sweep → listen (NOT_SERVING) → queue jobs, start workers and
            retention → SERVING
     stop:  end watch streams → stop accepting calls, drain in-flight ones (grace period) →
-           retention → running jobs end FAILED (INTERRUPTED) → uploads settle (kept for resume)
-           → stage channels → store
+           retention → running jobs handed back (claims released: another replica, or the next
+           start, resumes them) → uploads settle (kept for resume) → stage channels → store
 
 `python -m gateway` runs it (gateway/__main__.py); `Gateway.start(config)` runs the same
 assembly in another program's event loop (the tests).
@@ -17,13 +17,13 @@ import contextlib
 
 from gateway.config import GatewayConfig
 from gateway.events import EventHub
-from gateway.orchestrator import Orchestrator
+from gateway.orchestrator import ClaimPolicy, Orchestrator
 from gateway.pipeline import EXPORT, SMOOTH, TRACK, Pipeline, StagePolicy
 from gateway.retention import Retention
 from gateway.server import GatewayServicer
 from gateway.service import JobService
 from gateway.stages import GrpcStages
-from gateway.store import SqliteJobStore
+from gateway.store import open_job_store
 from gateway.tenancy import Tenancy
 from gateway.uploads import TRANSPORT_RECEIVE_LIMIT_BYTES, Uploads
 from mocap.v1 import gateway_pb2, gateway_pb2_grpc
@@ -57,26 +57,32 @@ async def build(config: GatewayConfig, host: ServiceHost) -> None:
     """Assembles the gateway on `host` and starts its workers; SystemExit for a bad tokens file."""
     tenancy = Tenancy.from_file(config.tokens_file)  # refused before anything is opened
     hub = EventHub()
-    store = SqliteJobStore(config.db_path, job_retention_s=config.job_retention_s, on_event=hub.notify)
+    store = await open_job_store(config.database_url, config.db_path, job_retention_s=config.job_retention_s,
+                                 on_event=hub.notify)
     host.on_release(store.close, "job-store")
     host.on_stopping(hub.close, "watch-streams")  # watchers are told to reconnect, not held for the grace
     stages = GrpcStages(config)
     host.on_release(stages.close, "stage-channels")
-    orchestrator = Orchestrator(store, config.max_running_jobs)
-    pipeline = Pipeline(store, stages, config.jobs_dir, stage_policy(config), orchestrator.cancelled_as)
-    uploads = Uploads(config, store, orchestrator.enqueue)
+    replica = config.replica_name
+    orchestrator = Orchestrator(store, config.max_running_jobs, ClaimPolicy(
+        owner=replica, ttl_s=config.job_claim_ttl_s, poll_s=config.job_poll_s, max_claims=config.max_job_claims))
+    pipeline = Pipeline(store, stages, config.jobs_dir, stage_policy(config), orchestrator.outcome)
+    uploads = Uploads(config, store, orchestrator.enqueue, owner=replica, stream_ttl_s=config.job_claim_ttl_s)
     host.on_release(uploads.drain, "uploads")
-    retention = Retention(config, store, uploads.is_live)
-    retention.startup_sweep()
+    # One gateway per SQLite file, so what it finds claimed at startup was claimed by itself, before.
+    retention = Retention(config, store, uploads.is_live, exclusive=not config.database_url)
+    await retention.startup_sweep()
     host.on_release(orchestrator.stop, "running-jobs")
     host.on_release(retention.stop, "retention")
     service = JobService(store, hub, uploads, orchestrator, config.jobs_dir)
     host.add_servicer(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, GatewayServicer(service, tenancy),
                       gateway_pb2, "GatewayService")
     await host.start()
+    uploads.start()
     orchestrator.start(pipeline)
     retention.start()
-    log.info("gateway ready", data_dir=str(config.data_dir), open_mode=tenancy.open_mode)
+    log.info("gateway ready", data_dir=str(config.data_dir), open_mode=tenancy.open_mode, replica=replica,
+             job_store="postgresql" if config.database_url else "sqlite")
 
 
 class Gateway:

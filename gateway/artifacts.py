@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import os
 import re
+import shutil
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
@@ -16,7 +17,7 @@ from gateway.jobs import JobRecord, artifact_name, is_safe_file_name
 from gateway.layout import JobDir
 from gateway.stage_api import EXPORT, StageFailure
 from mocap.v1 import common_pb2, exporter_pb2
-from mocap_common.files import AtomicFile, atomic_write_bytes, fsync_dir, sha256_and_size
+from mocap_common.files import AtomicFile, atomic_write_bytes, atomic_writer, fsync_dir, sha256_and_size
 
 T = TypeVar("T")
 
@@ -33,6 +34,13 @@ class ArtifactSink:
         self._file: AtomicFile | None = None  # the announced file, under its temp name until end()
         self._digest = hashlib.sha256()
         self._written = 0
+
+    def clear(self) -> None:
+        """Removes artifacts/ whole: what an earlier owner of the job (a replica that died in the
+        middle of the export) left there, temp files included."""
+        self._close_current()
+        shutil.rmtree(self._dir.artifacts, ignore_errors=True)
+        self.artifacts.clear()
 
     async def fresh_attempt(self, call: Awaitable[T]) -> T:
         """Runs one export attempt; whatever a failed attempt left is removed first."""
@@ -97,12 +105,20 @@ class ArtifactSink:
         atomic_write_bytes(path, data)
         self._record(name, kind, 0, len(data), hashlib.sha256(data).hexdigest(), media_type)
 
-    def adopt_file(self, source: Path, name: str, kind: int, media_type: str) -> None:
-        """Moves a file of the job's directory into artifacts/ (same file system: a rename)."""
+    def copy_file(self, source: Path, name: str, kind: int, media_type: str) -> None:
+        """Puts a file of the job's directory into artifacts/ as well (a hard link on the same file
+        system, else a copy): the source stays until the job SUCCEEDED, for a replica that would
+        take the job over before that."""
         self._check_free(name)
         self._dir.artifacts.mkdir(exist_ok=True)
         digest, size = sha256_and_size(source)
-        os.replace(source, self._dir.artifact(name))
+        target = self._dir.artifact(name)
+        target.unlink(missing_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:  # a file system without hard links (some network volumes)
+            with atomic_writer(target) as out, source.open("rb") as src:
+                shutil.copyfileobj(src, out)
         fsync_dir(self._dir.artifacts)
         self._record(name, kind, 0, size, digest, media_type)
 

@@ -5,6 +5,8 @@ Sizes are bytes, durations seconds. `python -m mocap_common.config` prints the t
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -15,6 +17,10 @@ GiB = 1024**3
 MiB = 1024**2
 DAY_S = 24 * 3600.0
 
+# The stage address forms (mocap_common.channels): calls go round robin over every replica.
+_REPLICAS_HELP = (": one host:port, a comma list of ip:port (10.0.0.1:50052,10.0.0.2:50052) or dns:///name:port "
+                  "(every A/AAAA record of the name, e.g. a headless Service); calls go round robin over all.")
+
 
 @dataclass(frozen=True)
 class GatewayConfig(ServiceConfig):
@@ -24,6 +30,15 @@ class GatewayConfig(ServiceConfig):
 
     port: int = setting(50051, "gRPC port of the public job API.")
     data_dir: Path = setting(Path("data"), "Directory for the job store (gateway.sqlite3) and jobs/{job}/ files.")
+    database_url: str = setting("", "PostgreSQL URL of the job store shared by gateway replicas "
+                                    "(postgresql://user:password@host:port/db); empty = SQLite in data_dir (one gateway).")
+    replica_id: str = setting("", "This gateway's name in job claims and logs; empty = <hostname>-<pid>.")
+    job_claim_ttl_s: float = setting(10.0, "A job's claim lapses this long after its replica's last heartbeat; another "
+                                           "replica then takes the job over and resumes it (heartbeat every third of it).")
+    job_poll_s: float = setting(1.0, "How often an idle replica looks for queued jobs and lapsed claims, seconds "
+                                     "(a job created on the same replica starts at once).")
+    max_job_claims: int = setting(5, "A job claimed this many times (its replicas kept dying) ends FAILED instead of "
+                                     "being taken over again.")
     tokens_file: Path | None = setting(None, "YAML file `tokens: {<token>: <tenant>}`; empty = open single-user mode (tenant \"default\").")
 
     # Upload limits (reliability rule 7).
@@ -44,9 +59,9 @@ class GatewayConfig(ServiceConfig):
     retention_interval_s: float = setting(600.0, "How often the retention cleanup runs, seconds.")
 
     # Orchestration.
-    tracker_addr: str = setting("127.0.0.1:50052", "TrackerService address.", env="MOCAP_TRACKER_ADDR")
-    smoother_addr: str = setting("127.0.0.1:50053", "SmootherService address.", env="MOCAP_SMOOTHER_ADDR")
-    exporter_addr: str = setting("127.0.0.1:50054", "ExporterService address.", env="MOCAP_EXPORTER_ADDR")
+    tracker_addr: str = setting("127.0.0.1:50052", "TrackerService address" + _REPLICAS_HELP, env="MOCAP_TRACKER_ADDR")
+    smoother_addr: str = setting("127.0.0.1:50053", "SmootherService address" + _REPLICAS_HELP, env="MOCAP_SMOOTHER_ADDR")
+    exporter_addr: str = setting("127.0.0.1:50054", "ExporterService address" + _REPLICAS_HELP, env="MOCAP_EXPORTER_ADDR")
     max_running_jobs: int = setting(4, "Jobs processed at once (the rest wait QUEUED).")
     track_concurrency: int = setting(1, "Track stage calls at once.")
     smooth_concurrency: int = setting(4, "Smooth stage calls at once.")
@@ -81,7 +96,8 @@ class GatewayConfig(ServiceConfig):
         positive = ("max_upload_bytes", "max_duration_s", "max_frame_pixels", "max_active_jobs_per_tenant",
                     "upload_commit_bytes", "upload_retention_s", "job_retention_s", "retention_interval_s",
                     "max_running_jobs", "track_concurrency", "smooth_concurrency", "export_concurrency",
-                    "track_timeout_s", "smooth_timeout_s", "export_timeout_s", "job_timeout_s", "stage_attempts")
+                    "track_timeout_s", "smooth_timeout_s", "export_timeout_s", "job_timeout_s", "stage_attempts",
+                    "job_claim_ttl_s", "job_poll_s", "max_job_claims")
         bad = [name for name in positive if getattr(self, name) <= 0]
         if self.max_aspect_ratio < 1:  # a ratio of the long side to the short one
             bad.append("max_aspect_ratio (>= 1)")
@@ -92,6 +108,10 @@ class GatewayConfig(ServiceConfig):
             raise SystemExit("gateway: " + "; ".join(
                 part for part in (bad and f"these options must be > 0: {', '.join(bad)}",
                                   negative and f"these options must be >= 0: {', '.join(negative)}") if part))
+
+    @property
+    def replica_name(self) -> str:
+        return self.replica_id or f"{socket.gethostname()}-{os.getpid()}"
 
     @property
     def db_path(self) -> Path:

@@ -3,12 +3,19 @@
 The pipeline never waits for a watcher. It writes an event to the store and the store calls
 `EventHub.notify(job_id)`, which only sets an `asyncio.Event`. Each watcher then reads what it
 has not seen yet from the store at its own pace, so a slow watcher delays no one, and a watcher
-that reconnects with `after_seq` (even to a restarted gateway) gets every later event once.
+that reconnects with `after_seq` (even to a restarted gateway, or another replica) gets every
+later event once.
+
+Events written by another gateway replica arrive through the store too: PostgreSQL's
+LISTEN/NOTIFY calls `notify` on every replica when the writing transaction commits. A watcher
+also reads the store every WATCH_POLL_S whatever it was told, so a notification lost with a
+dropped listener connection delays an event by at most that long.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -19,6 +26,7 @@ from mocap.v1 import gateway_pb2
 from mocap_common.errors import Unavailable
 
 _PAGE = 256
+WATCH_POLL_S = 1.0
 
 
 class EventHub:
@@ -61,11 +69,12 @@ def is_terminal_event(event: gateway_pb2.JobEvent) -> bool:
     return event.type == gateway_pb2.JOB_EVENT_TYPE_STATE_CHANGED and event.state in TERMINAL_STATES
 
 
-async def watch(store: JobStore, hub: EventHub, job_id: str, after_seq: int) -> AsyncIterator[gateway_pb2.JobEvent]:
+async def watch(store: JobStore, hub: EventHub, job_id: str, after_seq: int,
+                poll_s: float = WATCH_POLL_S) -> AsyncIterator[gateway_pb2.JobEvent]:
     """Every event of the job after `after_seq`, then live ones, ending after the terminal one."""
     while True:
         signal = hub.signal(job_id)
-        events = store.events_after(job_id, after_seq, _PAGE)
+        events = await store.events_after(job_id, after_seq, _PAGE)
         for event in events:
             yield event
             after_seq = event.seq
@@ -73,12 +82,13 @@ async def watch(store: JobStore, hub: EventHub, job_id: str, after_seq: int) -> 
                 return
         if events:
             continue
-        job = store.get_job(job_id)
+        job = await store.get_job(job_id)
         if job is None or job.terminal:  # deleted, or the client already saw the end
             return
         if hub.closed:
             raise Unavailable("the gateway is shutting down; reconnect with after_seq to resume", retry_after_s=1.0)
-        await signal.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(signal.wait(), poll_s)
 
 
 class ProgressThrottle:

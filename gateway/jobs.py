@@ -213,6 +213,19 @@ class JobRecord:
     start_us: int = 0
     end_us: int = 0
     expire_us: int = 0
+    # The claim of the replica executing a RUNNING job (durable execution): its owner, a token
+    # unique to this claim (every write of the executor names it, so a replica that lost the
+    # claim can no longer write), and when it lapses unless renewed. `claims` counts how many
+    # times the job was claimed (1 = never taken over).
+    claim_owner: str = ""
+    claim_token: str = ""
+    claim_expire_us: int = 0
+    claims: int = 0
+    # The last stage whose output is stored with the job (TRACK: tracks.raw.pb, SMOOTH:
+    # tracks.smooth.pb), and what that stage returned beside its tracks (a serialized
+    # mocap.v1.StageCheckpoint-like blob owned by the pipeline): a job taken over resumes after it.
+    completed_stage: int = common_pb2.JOB_STAGE_UNSPECIFIED
+    checkpoint: bytes = b""
 
     @property
     def name(self) -> str:
@@ -247,6 +260,11 @@ class UploadRecord:
     create_us: int
     expire_us: int
     job_id: str = ""
+    # Which replica streams the upload now, until when (renewed while it streams): a resume that
+    # arrives at another replica meanwhile is refused UPLOAD_IN_PROGRESS, and the sweep of any
+    # replica leaves it alone.
+    stream_owner: str = ""
+    stream_expire_us: int = 0
 
     @property
     def complete(self) -> bool:

@@ -55,10 +55,20 @@ class JobDir:
         return inside(self.artifacts, name)
 
     def remove_intermediates(self) -> None:
-        """Deletes what only a running job needs: tracks and any half-received artifacts."""
+        """Deletes what only a running job needs: tracks, temp files, half-received artifacts."""
+        self.remove_tracks()
+        shutil.rmtree(self.artifacts, ignore_errors=True)
+
+    def remove_tracks(self) -> None:
+        """Deletes the stored tracks (the SUCCEEDED job has them as an artifact) and temp files."""
         for path in (self.raw_tracks, self.smooth_tracks):
             path.unlink(missing_ok=True)
-        shutil.rmtree(self.artifacts, ignore_errors=True)
+        self.remove_temp_files()
+
+    def remove_temp_files(self) -> None:
+        """Deletes temp files an atomic write left behind when its process died (`.name.*.tmp`)."""
+        for path in self.path.glob(".*.tmp"):
+            path.unlink(missing_ok=True)
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

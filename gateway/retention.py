@@ -1,14 +1,20 @@
 """Cleaning up: the startup sweep after a crash, and the periodic retention cleanup.
 
 Startup sweep (before the gateway serves):
-- jobs RUNNING when the last process died → FAILED (INTERRUPTED), intermediates removed;
-  QUEUED jobs stay queued (nothing of them had started) unless their input is gone;
+- jobs RUNNING when the last process died stay RUNNING: the orchestrator claims them and resumes
+  them after their last completed stage. With SQLite (one gateway per store, so no other replica
+  can hold a claim) their claims are released at once; with PostgreSQL a claim lapses on its own
+  after the claim TTL, and may belong to a live replica;
+- QUEUED and RUNNING jobs whose input is gone end FAILED (nothing can resume them);
 - ended jobs lose any intermediates a crash left behind;
 - interrupted uploads are removed when they cannot be resumed: past their retention, their bytes
   gone, without a request_id (nobody can ask for them again: a gateway killed in the middle of such
   an upload left a partial file and a row that would otherwise wait out the whole retention), or
-  with no byte committed (a resume would start over anyway);
-- directories under jobs/ that belong to no job and no upload are removed.
+  with no byte committed (a resume would start over anyway) — unless a replica streams them now
+  (their stream lease in the store is live);
+- directories under jobs/ that belong to no job and no upload are removed (an upload's row is
+  written before its directory, so a directory without a row is an orphan; with replicas, one
+  younger than ORPHAN_MIN_AGE_S is left for the next sweep all the same).
 
 Periodic cleanup: ended jobs past their expire time and interrupted uploads past theirs are
 removed (the store first, then the files, so a crash in between leaves only an orphan directory,
@@ -20,23 +26,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.config import GatewayConfig
-from gateway.jobs import FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL_STATES, JobError, interrupted, now_us
+from gateway.jobs import FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL_STATES, JobError, now_us
 from gateway.layout import JobDir
 from gateway.store import JobStore
 from mocap_common.logs import get_logger
 
 log = get_logger(__name__)
 
-INPUT_LOST = JobError("INTERRUPTED", "the gateway lost the uploaded video while the job was queued; submit it again")
+INPUT_LOST = JobError("INTERRUPTED", "the gateway lost the uploaded video before the job could finish; submit it again")
+ORPHAN_MIN_AGE_S = 300.0
 
 
 @dataclass
 class SweepReport:
-    interrupted_jobs: int = 0
+    resumable_jobs: int = 0
     removed_uploads: int = 0
     removed_orphans: int = 0
     expired_jobs: int = 0
@@ -45,55 +53,67 @@ class SweepReport:
 class Retention:
     """Startup sweep and periodic cleanup of jobs and uploads."""
 
-    def __init__(self, config: GatewayConfig, store: JobStore, upload_is_live: Callable[[str], bool]) -> None:
+    def __init__(self, config: GatewayConfig, store: JobStore, upload_is_live: Callable[[str], bool], *,
+                 exclusive: bool) -> None:
+        """`exclusive`: this gateway is the store's only user (SQLite), so nothing another
+        process recorded — claims, stream leases — can still be live at startup."""
         self._config = config
         self._store = store
         self._upload_is_live = upload_is_live
+        self._exclusive = exclusive
         self._task: asyncio.Task[None] | None = None
 
     def _dir(self, job_id: str) -> JobDir:
         return JobDir(self._config.jobs_dir, job_id)
 
-    def startup_sweep(self) -> SweepReport:
+    async def startup_sweep(self) -> SweepReport:
         """Repairs what a dead process left behind. Runs before the gateway serves."""
         report = SweepReport()
         self._config.jobs_dir.mkdir(parents=True, exist_ok=True)
-        for job in self._store.jobs_in_state(RUNNING):
-            self._dir(job.job_id).remove_intermediates()
-            if self._store.transition(job.job_id, FAILED, error=interrupted(job.stage)) is not None:
-                report.interrupted_jobs += 1
-        for job in self._store.jobs_in_state(QUEUED):
-            if not self._dir(job.job_id).input(job.input_name).exists():
-                self._store.transition(job.job_id, FAILED, error=INPUT_LOST)
+        for state in (QUEUED, RUNNING):
+            for job in await self._store.jobs_in_state(state):
+                if not self._dir(job.job_id).input(job.input_name).exists():
+                    self._dir(job.job_id).remove_intermediates()
+                    await self._store.transition(job.job_id, FAILED, error=INPUT_LOST)
+                elif state == RUNNING and self._exclusive:
+                    await self._store.release_claim(job.job_id, job.claim_token)
+                    report.resumable_jobs += 1
         for state in TERMINAL_STATES:
-            for job in self._store.jobs_in_state(state):
+            for job in await self._store.jobs_in_state(state):
                 job_dir = self._dir(job.job_id)
                 if state == SUCCEEDED:
-                    job_dir.raw_tracks.unlink(missing_ok=True)
+                    job_dir.remove_tracks()
                 else:
                     job_dir.remove_intermediates()
         now = now_us()
-        for upload in self._store.uploads():
-            if upload.complete:
+        for upload in await self._store.uploads():
+            if upload.complete or (not self._exclusive and upload.stream_expire_us > now):
                 continue
+            if upload.stream_owner:  # exclusive: the stream of a process that is gone
+                await self._store.release_upload_stream(upload.upload_id, upload.stream_owner)
             expired = upload.expire_us <= now
             lost = upload.committed_bytes > 0 and not self._dir(upload.upload_id).partial.exists()
-            # No call streams anything yet (the sweep runs before the gateway serves), so an
-            # upload without a request_id, or without a committed byte, is one nobody can resume.
+            # Nobody streams it (see above), so an upload without a request_id, or without a
+            # committed byte, is one nobody can resume.
             unresumable = not upload.request_id or upload.committed_bytes == 0
             if expired or lost or unresumable:
-                self._remove_upload(upload.upload_id)
+                await self._remove_upload(upload.upload_id)
                 report.removed_uploads += 1
-        report.removed_orphans = self._remove_orphans()
-        report.expired_jobs = self.cleanup()
+        report.removed_orphans = await self._remove_orphans()
+        report.expired_jobs = await self.cleanup()
         log.info("startup sweep", **report.__dict__)
         return report
 
-    def _remove_orphans(self) -> int:
-        known = {u.upload_id for u in self._store.uploads() if not u.complete}
+    async def _remove_orphans(self) -> int:
+        known = {u.upload_id for u in await self._store.uploads() if not u.complete}
         removed = 0
+        min_age_s = 0.0 if self._exclusive else ORPHAN_MIN_AGE_S
         for entry in self._config.jobs_dir.iterdir():
-            if entry.name in known or self._store.get_job(entry.name) is not None:
+            if entry.name in known or await self._store.get_job(entry.name) is not None:
+                continue
+            if min_age_s and time.time() - entry.lstat().st_mtime < min_age_s:
+                continue
+            if await self._store.get_upload(entry.name) is not None:  # started after `known` was read
                 continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
@@ -102,22 +122,23 @@ class Retention:
             removed += 1
         return removed
 
-    def cleanup(self) -> int:
+    async def cleanup(self) -> int:
         """Removes expired ended jobs and expired interrupted uploads; returns the jobs removed."""
         now = now_us()
-        expired = self._store.expired_jobs(now)
+        expired = await self._store.expired_jobs(now)
         for job in expired:
-            self._store.delete_job(job.job_id)
+            await self._store.delete_job(job.job_id)
             self._dir(job.job_id).remove()
-        for upload in self._store.uploads():
-            if not upload.complete and upload.expire_us <= now and not self._upload_is_live(upload.upload_id):
-                self._remove_upload(upload.upload_id)
+        for upload in await self._store.uploads():
+            if not upload.complete and upload.expire_us <= now and upload.stream_expire_us <= now \
+                    and not self._upload_is_live(upload.upload_id):
+                await self._remove_upload(upload.upload_id)
         if expired:
             log.info("retention removed jobs", count=len(expired))
         return len(expired)
 
-    def _remove_upload(self, upload_id: str) -> None:
-        self._store.delete_upload(upload_id)
+    async def _remove_upload(self, upload_id: str) -> None:
+        await self._store.delete_upload(upload_id)
         self._dir(upload_id).remove()
 
     def start(self) -> None:
@@ -127,7 +148,7 @@ class Retention:
         while True:
             await asyncio.sleep(self._config.retention_interval_s)
             try:
-                self.cleanup()
+                await self.cleanup()
             except Exception:  # noqa: BLE001 - retention must keep running; the next round retries
                 log.exception("retention cleanup failed")
 

@@ -47,20 +47,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return to_proto(job)
 
     async def GetUpload(self, request: gateway_pb2.GetUploadRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.Upload:
-        return _upload_proto(self._service.get_upload(self._tenant(context), request.request_id, request.name))
+        return _upload_proto(await self._service.get_upload(self._tenant(context), request.request_id, request.name))
 
     async def GetJob(self, request: gateway_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> common_pb2.Job:
-        return to_proto(self._service.get_job(self._tenant(context), request.name))
+        return to_proto(await self._service.get_job(self._tenant(context), request.name))
 
     async def ListJobs(self, request: gateway_pb2.ListJobsRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.ListJobsResponse:
-        jobs, token = self._service.list_jobs(self._tenant(context), request.page_size, request.page_token, request.state)
+        jobs, token = await self._service.list_jobs(self._tenant(context), request.page_size, request.page_token, request.state)
         return gateway_pb2.ListJobsResponse(jobs=[to_proto(j) for j in jobs], next_page_token=token)
 
     async def CancelJob(self, request: gateway_pb2.CancelJobRequest, context: grpc.aio.ServicerContext) -> common_pb2.Job:
         return to_proto(await self._service.cancel_job(self._tenant(context), request.name))
 
     async def DeleteJob(self, request: gateway_pb2.DeleteJobRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        self._service.delete_job(self._tenant(context), request.name)
+        await self._service.delete_job(self._tenant(context), request.name)
         return empty_pb2.Empty()
 
     async def WatchJob(self, request: gateway_pb2.WatchJobRequest,

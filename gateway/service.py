@@ -50,54 +50,54 @@ class JobService:
                          settle_short_end: Callable[[], Awaitable[None]]) -> JobRecord:
         return await self._uploads.create_job(tenant, requests, settle_short_end)
 
-    def get_upload(self, tenant: str, request_id: str, name: str = "") -> UploadRecord:
-        return self._uploads.get(tenant, request_id, name)
+    async def get_upload(self, tenant: str, request_id: str, name: str = "") -> UploadRecord:
+        return await self._uploads.get(tenant, request_id, name)
 
-    def get_job(self, tenant: str, name: str, field_path: str = "name") -> JobRecord:
+    async def get_job(self, tenant: str, name: str, field_path: str = "name") -> JobRecord:
         job_id = parse_job_name(name, field_path)
-        job = self._store.get_job(job_id)
+        job = await self._store.get_job(job_id)
         if job is None or job.tenant != tenant:
             raise NotFound(f"job {name} not found")
         return job
 
-    def list_jobs(self, tenant: str, page_size: int, page_token: str, state: int) -> tuple[list[JobRecord], str]:
+    async def list_jobs(self, tenant: str, page_size: int, page_token: str, state: int) -> tuple[list[JobRecord], str]:
         if page_size < 0:
             raise InvalidArgument("page_size must be >= 0", violations=[FieldViolation("page_size", "must be >= 0")])
         if state not in common_pb2.JobState.values():
             raise InvalidArgument(f"unknown job state {state}", violations=[FieldViolation("state", "unknown JobState value")])
         limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = _decode_page_token(page_token, state) if page_token else None
-        jobs = self._store.list_jobs(tenant, state, limit + 1, after)
+        jobs = await self._store.list_jobs(tenant, state, limit + 1, after)
         if len(jobs) <= limit:
             return jobs, ""
         jobs = jobs[:limit]
         return jobs, _encode_page_token(jobs[-1], state)
 
     async def cancel_job(self, tenant: str, name: str) -> JobRecord:
-        job = self.get_job(tenant, name)
+        job = await self.get_job(tenant, name)
         if job.state in ACTIVE_STATES:
             await self._orchestrator.cancel(job.job_id)
-        return self.get_job(tenant, name)
+        return await self.get_job(tenant, name)
 
-    def delete_job(self, tenant: str, name: str) -> None:
-        job = self.get_job(tenant, name)
+    async def delete_job(self, tenant: str, name: str) -> None:
+        job = await self.get_job(tenant, name)
         if job.state in ACTIVE_STATES:
             raise FailedPrecondition(f"job {name} is {common_pb2.JobState.Name(job.state)}: cancel it first",
                                      reason="JOB_STATE")
         # The store first: a crash before the files go leaves an orphan directory for the sweep.
-        self._store.delete_job(job.job_id)
+        await self._store.delete_job(job.job_id)
         JobDir(self._jobs_root, job.job_id).remove()
 
     async def watch_job(self, tenant: str, name: str, after_seq: int) -> AsyncIterator[gateway_pb2.JobEvent]:
         if after_seq < 0:
             raise InvalidArgument("after_seq must be >= 0", violations=[FieldViolation("after_seq", "must be >= 0")])
-        job = self.get_job(tenant, name)
+        job = await self.get_job(tenant, name)
         async for event in watch(self._store, self._hub, job.job_id, after_seq):
             yield event
 
     async def read_artifact(self, tenant: str, name: str, offset: int) -> AsyncIterator[ArtifactPiece]:
         job_id, artifact_id = parse_artifact_name(name)
-        job = self.get_job(tenant, f"jobs/{job_id}")
+        job = await self.get_job(tenant, f"jobs/{job_id}")
         if job.state != SUCCEEDED:
             raise FailedPrecondition(f"job {job.name} is {common_pb2.JobState.Name(job.state)}; artifacts are "
                                      "available once it SUCCEEDED", reason="JOB_STATE")

@@ -7,7 +7,7 @@ knows about gRPC.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -23,7 +23,7 @@ STAGE_SERVICE = {TRACK: "tracker", SMOOTH: "smoother", EXPORT: "exporter"}
 class StageCallError(Exception):
     """A stage call failed. `kind`: "unavailable" (service unreachable), "timeout" (deadline
     exceeded) or "failed" (the stage answered with an error); `responded`: whether the stage had
-    sent anything before failing (then it is not retried)."""
+    sent anything before failing (then what it sent is thrown away if the call is tried again)."""
 
     def __init__(self, kind: str, message: str, *, responded: bool, reason: str = "", detail: str = "") -> None:
         super().__init__(message)
@@ -39,7 +39,8 @@ class StageFailure(Exception):
         self.error = JobError(reason, message, stage)
 
 
-ProgressCallback = Callable[[float, int, int], None]  # fraction of the stage, frames done, frames total
+# fraction of the stage, frames done, frames total; awaited (it records an event in the store)
+ProgressCallback = Callable[[float, int, int], Awaitable[None]]
 
 
 @dataclass

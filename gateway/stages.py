@@ -81,7 +81,7 @@ class GrpcStages:
                 kind = response.WhichOneof("event")
                 if kind == "progress":
                     p = response.progress
-                    progress(p.frames_done / p.frames_total if p.frames_total else 0.0, p.frames_done, p.frames_total)
+                    await progress(p.frames_done / p.frames_total if p.frames_total else 0.0, p.frames_done, p.frames_total)
                 elif kind == "poses":
                     _checked(assembler.add_chunk, response.poses, what="the tracker's poses")
                 elif kind == "result":
@@ -149,7 +149,7 @@ class GrpcStages:
             async for response in call:
                 kind = response.WhichOneof("event")
                 if kind == "progress":
-                    progress(response.progress.fraction, 0, 0)
+                    await progress(response.progress.fraction, 0, 0)
                 elif kind == "file":
                     await sink.begin(response.file)
                 elif kind == "chunk":

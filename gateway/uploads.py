@@ -54,7 +54,7 @@ from gateway.jobs import (
 )
 from gateway.layout import JobDir
 from gateway.probe import ProbeError, probe_video
-from gateway.store import JobStore
+from gateway.store import JobStore, RequestIdTaken, TooManyActive
 from mocap.v1 import common_pb2, gateway_pb2
 from mocap_common.errors import (
     Aborted,
@@ -260,15 +260,29 @@ class _Live:
 
 
 class Uploads:
-    """Turns CreateJob streams into jobs; answers GetUpload."""
+    """Turns CreateJob streams into jobs; answers GetUpload.
 
-    def __init__(self, config: GatewayConfig, store: JobStore, on_job_created: Callable[[JobRecord], None]) -> None:
+    An upload being streamed holds a stream lease in the store (owner = this replica, renewed by
+    a heartbeat every third of `stream_ttl_s`): the tenant's limit counts it on every replica, a
+    resume of it that reaches another replica is refused UPLOAD_IN_PROGRESS, and no replica's
+    sweep touches its files. A replica killed mid-stream stops renewing: after the TTL the upload
+    can be resumed anywhere (its bytes are on the shared data directory)."""
+
+    def __init__(self, config: GatewayConfig, store: JobStore, on_job_created: Callable[[JobRecord], None], *,
+                 owner: str = "gateway", stream_ttl_s: float = 10.0) -> None:
         self._config = config
         self._store = store
         self._on_job_created = on_job_created
+        self._owner = owner
+        self._stream_ttl_s = stream_ttl_s
         self._live: dict[str, _Live] = {}  # upload_id → streaming now
+        self._commits: dict[str, set[asyncio.Task[None]]] = {}  # upload_id → commit records being written
         self._idle = asyncio.Event()  # set while no upload is streaming or settling
         self._idle.set()
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._heartbeat = asyncio.create_task(self._renew_streams(), name="upload-stream-heartbeat")
 
     async def drain(self, timeout_s: float = 10.0) -> None:
         """Waits until every upload has settled (kept for resume or removed). gRPC's server stop
@@ -277,6 +291,21 @@ class Uploads:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
         except TimeoutError:
             log.warning("uploads still settling at shutdown", uploads=len(self._live))
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+
+    def _stream_expiry(self) -> int:
+        return now_us() + int(self._stream_ttl_s * 1_000_000)
+
+    async def _renew_streams(self) -> None:
+        while True:
+            await asyncio.sleep(self._stream_ttl_s / 3)
+            if self._live:
+                try:
+                    await self._store.renew_upload_streams(self._owner, list(self._live), self._stream_expiry())
+                except Exception:  # noqa: BLE001 - the next beat tries again
+                    log.exception("renewing upload stream leases failed")
 
     def is_live(self, upload_id: str) -> bool:
         """Whether a CreateJob call is streaming this upload now."""
@@ -284,21 +313,21 @@ class Uploads:
 
     # GetUpload ---------------------------------------------------------------------------------
 
-    def get(self, tenant: str, request_id: str = "", name: str = "") -> UploadRecord:
+    async def get(self, tenant: str, request_id: str = "", name: str = "") -> UploadRecord:
         """The tenant's upload by the request_id it was started with, or by its resource name
         ("uploads/{upload}"): exactly one of the two. Another tenant's upload is not found."""
         if request_id and name:
             raise InvalidArgument("set request_id or name, not both",
                                   violations=[FieldViolation("name", "must be empty when request_id is set")])
         if name:
-            upload = self._store.get_upload(parse_upload_name(name))
+            upload = await self._store.get_upload(parse_upload_name(name))
             if upload is None or upload.tenant != tenant:
                 raise NotFound(f"upload {name} not found")
             return upload
         if not request_id:
             raise InvalidArgument("set request_id or name",
                                   violations=[FieldViolation("request_id", "set it (or name) to say which upload")])
-        upload = self._store.find_upload(tenant, validate_request_id(request_id))
+        upload = await self._store.find_upload(tenant, validate_request_id(request_id))
         if upload is None:
             raise NotFound(f"no upload with request_id {request_id!r}")
         return upload
@@ -318,26 +347,27 @@ class Uploads:
                 raise InvalidArgument("the first message must be a header", reason="HEADER_REQUIRED",
                                       violations=[FieldViolation("header", "the first message must carry the header")])
             request = validate_header(first.header, self._config.max_upload_bytes)
-            existing = self._resolve_request_id(tenant, request)
+            existing = await self._resolve_request_id(tenant, request)
             if isinstance(existing, JobRecord):
                 return existing
-            duplicate = self._deliverable_duplicate(tenant, request.sha256, options_key(request.options)) if request.sha256 else None
+            duplicate = await self._deliverable_duplicate(tenant, request.sha256, options_key(request.options)) \
+                if request.sha256 else None
             if duplicate is not None:
                 if existing is not None:
-                    self._discard(existing.upload_id)
-                return self._answer_with(duplicate, tenant, request)
-            self._admit(tenant, request, existing)
-            upload = existing or self._start(tenant, request)
+                    await self._discard(existing.upload_id)
+                return await self._answer_with(duplicate, tenant, request)
+            self._check_disk(request, existing)
+            upload = await self._resume(existing) if existing is not None else await self._start(tenant, request)
         except ServiceError as exc:
             UPLOADS_REFUSED.labels(exc.reason).inc()
             raise
         return await self._receive(upload, request, requests, settle_short_end)
 
-    def _resolve_request_id(self, tenant: str, request: UploadRequest) -> JobRecord | UploadRecord | None:
+    async def _resolve_request_id(self, tenant: str, request: UploadRequest) -> JobRecord | UploadRecord | None:
         """The job a repeated request_id already made, the interrupted upload it resumes, or None."""
         if not request.request_id:
             return None
-        upload = self._store.find_upload(tenant, request.request_id)
+        upload = await self._store.find_upload(tenant, request.request_id)
         if upload is None:
             if request.resume_offset:
                 raise FailedPrecondition("nothing to resume: no upload with this request_id (it may have expired); "
@@ -346,32 +376,31 @@ class Uploads:
             return None
         differs = upload.size_bytes != request.size_bytes or upload.options_key != options_key(request.options)
         if upload.complete:
-            job = self._store.get_job(upload.job_id)
+            job = await self._store.get_job(upload.job_id)
             if job is None:  # deleted meanwhile: the request_id is free again
-                self._store.delete_upload(upload.upload_id)
+                await self._store.delete_upload(upload.upload_id)
                 return None
             if differs or (request.sha256 and request.sha256 != job.sha256):
                 raise _reused(request.request_id)
             return job
         if differs or request.sha256 != upload.declared_sha256:
             raise _reused(request.request_id)
-        if upload.upload_id in self._live:
-            raise Aborted("this upload is already streaming on another call; retry shortly",
-                          reason="UPLOAD_IN_PROGRESS", retry_after_s=IN_PROGRESS_RETRY_S)
+        if upload.upload_id in self._live or upload.stream_expire_us > now_us():
+            raise _in_progress()
         if request.resume_offset not in (0, upload.committed_bytes):
             raise FailedPrecondition(f"resume from byte {upload.committed_bytes}, not {request.resume_offset}",
                                      reason="UPLOAD_OFFSET_MISMATCH",
                                      metadata={"committed_bytes": upload.committed_bytes})
         if request.resume_offset == 0 and upload.committed_bytes:
             upload = replace(upload, committed_bytes=0)  # the client starts over
-            self._store.set_upload_committed(upload.upload_id, 0, upload.expire_us)
+            await self._store.set_upload_committed(upload.upload_id, 0, upload.expire_us)
         return upload
 
-    def _deliverable_duplicate(self, tenant: str, sha256: str, key: str) -> JobRecord | None:
+    async def _deliverable_duplicate(self, tenant: str, sha256: str, key: str) -> JobRecord | None:
         """The job of the same content and options, if its results can still be delivered: a
         SUCCEEDED job whose artifact files are gone (lost disk, manual cleanup) is no answer, so
         the upload becomes a new job instead of a job whose downloads fail NOT_FOUND."""
-        job = self._store.find_duplicate(tenant, sha256, key)
+        job = await self._store.find_duplicate(tenant, sha256, key)
         if job is None or job.state != SUCCEEDED:
             return job
         job_dir = JobDir(self._config.jobs_dir, job.job_id)
@@ -383,21 +412,24 @@ class Uploads:
                 return None
         return job
 
-    def _answer_with(self, job: JobRecord, tenant: str, request: UploadRequest) -> JobRecord:
+    async def _answer_with(self, job: JobRecord, tenant: str, request: UploadRequest) -> JobRecord:
         """Answers an upload with an existing job of the same content, remembering its request_id."""
         if request.request_id:
             upload_id = new_job_id()
-            self._store.insert_upload(self._record(upload_id, tenant, request))
-            self._store.complete_upload_as(upload_id, job.job_id)
+            try:
+                await self._store.insert_upload(self._record(upload_id, tenant, request))
+            except RequestIdTaken:  # a concurrent call with the same request_id got there first
+                raise _in_progress() from None
+            await self._store.complete_upload_as(upload_id, job.job_id)
         log.info("duplicate upload answered with existing job", job=job.job_id)
         return job
 
-    def _admit(self, tenant: str, request: UploadRequest, resuming: UploadRecord | None) -> None:
-        live = sum(1 for u in self._live.values() if u.tenant == tenant)
-        if self._store.count_active(tenant) + live >= self._config.max_active_jobs_per_tenant:
-            raise ResourceExhausted(
-                f"this tenant already has {self._config.max_active_jobs_per_tenant} active jobs or uploads; "
-                "wait for one to finish", reason="TOO_MANY_ACTIVE_JOBS", retry_after_s=TOO_MANY_JOBS_RETRY_S)
+    def _too_many(self) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"this tenant already has {self._config.max_active_jobs_per_tenant} active jobs or uploads; "
+            "wait for one to finish", reason="TOO_MANY_ACTIVE_JOBS", retry_after_s=TOO_MANY_JOBS_RETRY_S)
+
+    def _check_disk(self, request: UploadRequest, resuming: UploadRecord | None) -> None:
         needed = request.size_bytes - (resuming.committed_bytes if resuming and request.resume_offset else 0)
         reserved = sum(u.remaining_bytes for u in self._live.values())
         self._config.jobs_dir.mkdir(parents=True, exist_ok=True)
@@ -406,14 +438,33 @@ class Uploads:
             raise ResourceExhausted("the server is short of disk space; try again later",
                                     reason="INSUFFICIENT_STORAGE", retry_after_s=NO_STORAGE_RETRY_S)
 
-    def _start(self, tenant: str, request: UploadRequest) -> UploadRecord:
-        upload = self._record(new_job_id(), tenant, request)
-        JobDir(self._config.jobs_dir, upload.upload_id).create()
+    async def _start(self, tenant: str, request: UploadRequest) -> UploadRecord:
+        """Records a new upload (the tenant's limit checked in the same transaction), then makes its
+        directory: a directory without a row is always an orphan, whichever replica sweeps."""
+        upload = replace(self._record(new_job_id(), tenant, request), stream_owner=self._owner,
+                         stream_expire_us=self._stream_expiry())
         try:
-            self._store.insert_upload(upload)
+            await self._store.insert_upload(upload, max_active=self._config.max_active_jobs_per_tenant)
+        except TooManyActive:
+            raise self._too_many() from None
+        except RequestIdTaken:  # a concurrent call (here or on another replica) started it first
+            raise _in_progress() from None
+        try:
+            JobDir(self._config.jobs_dir, upload.upload_id).create()
         except BaseException:
-            JobDir(self._config.jobs_dir, upload.upload_id).remove()
+            await finish_uncancellable(self._store.delete_upload(upload.upload_id))
             raise
+        return upload
+
+    async def _resume(self, upload: UploadRecord) -> UploadRecord:
+        """Takes the stream lease of an interrupted upload (any replica may have streamed it)."""
+        try:
+            claimed = await self._store.claim_upload_stream(upload.upload_id, self._owner, self._stream_expiry(),
+                                                            max_active=self._config.max_active_jobs_per_tenant)
+        except TooManyActive:
+            raise self._too_many() from None
+        if not claimed:
+            raise _in_progress()
         return upload
 
     def _record(self, upload_id: str, tenant: str, request: UploadRequest) -> UploadRecord:
@@ -462,33 +513,43 @@ class Uploads:
                 await finish_uncancellable(self._settle(upload, part, keep))
             finally:
                 self._live.pop(upload.upload_id, None)
+                self._commits.pop(upload.upload_id, None)
                 if not self._live:
                     self._idle.set()
 
     def _record_commit(self, upload_id: str, durable: "asyncio.Future[int]") -> None:
         """A commit point's fsync finished: from now on a resume can start at its offset."""
         if not durable.cancelled() and durable.exception() is None:
-            self._store.set_upload_committed(upload_id, durable.result(), now_us() + self._retention_us)
+            pending = self._commits.setdefault(upload_id, set())
+            task = asyncio.ensure_future(
+                self._store.set_upload_committed(upload_id, durable.result(), now_us() + self._retention_us))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
 
     async def _settle(self, upload: UploadRecord, part: PartialFile | None, keep: bool) -> None:
-        """After the stream: keep the durable bytes for a resume, or remove every trace."""
+        """After the stream: keep the durable bytes for a resume, or remove every trace; the
+        stream lease ends either way."""
+        # Commit records still being written land before the final one, never after it.
+        await asyncio.gather(*self._commits.get(upload.upload_id, ()), return_exceptions=True)
         if part is not None:
             if keep:
                 committed = await part.sync()
                 keep = committed > 0  # nothing arrived: nothing to resume (a resume from 0 starts over)
                 if keep:
-                    self._store.set_upload_committed(upload.upload_id, committed, now_us() + self._retention_us)
+                    await self._store.set_upload_committed(upload.upload_id, committed, now_us() + self._retention_us)
                     log.info("upload interrupted; kept for resume", upload=upload.upload_id, committed_bytes=committed)
             await part.close()
         elif keep:
             keep = upload.committed_bytes > 0
-        current = self._store.get_upload(upload.upload_id)
+        current = await self._store.get_upload(upload.upload_id)
         if not keep and current is not None and not current.complete:
-            self._discard(upload.upload_id)
+            await self._discard(upload.upload_id)
             log.info("unfinished upload removed", upload=upload.upload_id, had_request_id=bool(upload.request_id))
+        elif current is not None and not current.complete:
+            await self._store.release_upload_stream(upload.upload_id, self._owner)
 
-    def _discard(self, upload_id: str) -> None:
-        self._store.delete_upload(upload_id)
+    async def _discard(self, upload_id: str) -> None:
+        await self._store.delete_upload(upload_id)
         JobDir(self._config.jobs_dir, upload_id).remove()
 
     async def _receive_chunks(self, upload: UploadRecord, part: PartialFile,
@@ -535,7 +596,7 @@ class Uploads:
             raise InvalidArgument("the bytes received do not match the declared SHA-256", reason="CHECKSUM_MISMATCH",
                                   violations=[FieldViolation("header.sha256", "differs from the SHA-256 of the bytes received")])
         key = upload.options_key
-        duplicate = self._deliverable_duplicate(upload.tenant, digest, key)
+        duplicate = await self._deliverable_duplicate(upload.tenant, digest, key)
         if duplicate is None:
             try:
                 probe = await asyncio.to_thread(probe_video, job_dir.partial)
@@ -543,9 +604,9 @@ class Uploads:
                 raise InvalidArgument(exc.message, reason=exc.reason,
                                       violations=[FieldViolation("chunk.data", exc.message)]) from None
             self._check_limits(probe.duration_s, probe.width, probe.height)
-            duplicate = self._deliverable_duplicate(upload.tenant, digest, key)  # one may have finished meanwhile
+            duplicate = await self._deliverable_duplicate(upload.tenant, digest, key)  # one may have finished meanwhile
         if duplicate is not None:
-            self._store.complete_upload_as(upload.upload_id, duplicate.job_id)
+            await self._store.complete_upload_as(upload.upload_id, duplicate.job_id)
             job_dir.remove()
             log.info("duplicate upload answered with existing job", job=duplicate.job_id)
             return duplicate
@@ -560,7 +621,12 @@ class Uploads:
                                        duration_seconds=probe.duration_s),
             create_us=now_us(), request_id=upload.request_id,
         )
-        job = self._store.create_job_from_upload(upload.upload_id, job)
+        created = await self._store.create_job_from_upload(upload.upload_id, job)
+        if created.job_id != job.job_id:  # another replica made the same job meanwhile: answer with it
+            job_dir.remove()
+            log.info("duplicate upload answered with existing job", job=created.job_id)
+            return created
+        job = created
         log.info("job created", job=job.job_id, size_bytes=job.size_bytes, frames=probe.frame_count)
         self._on_job_created(job)
         return job
@@ -586,6 +652,11 @@ def _chunk_too_large() -> InvalidArgument:
     return InvalidArgument(f"a chunk carried more than {MAX_CHUNK_BYTES} bytes; send the video in chunks of at most "
                            f"{MAX_CHUNK_BYTES // (1024 * 1024)} MiB", reason="CHUNK_TOO_LARGE",
                            violations=[FieldViolation("chunk.data", f"must be at most {MAX_CHUNK_BYTES} bytes")])
+
+
+def _in_progress() -> Aborted:
+    return Aborted("this upload is already streaming on another call; retry shortly",
+                   reason="UPLOAD_IN_PROGRESS", retry_after_s=IN_PROGRESS_RETRY_S)
 
 
 def _reused(request_id: str) -> AlreadyExists:

@@ -1,9 +1,13 @@
-"""compose.yaml stays true to the code: one container per service, each started with flags its
-config accepts, grpc health checks, a GPU for the tracker, job data on a named volume."""
+"""compose.yaml stays true to the code: one container per service (plus PostgreSQL for the job
+store), each started with flags and variables its config accepts, grpc health checks, a GPU for the
+tracker, job data on a named volume shared by the gateway replicas, replica counts from variables."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import re
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -19,13 +23,39 @@ SERVICE_CONFIGS = {
 }
 
 
+# Containers that are not ours: images run as they are.
+INFRASTRUCTURE = {"postgres"}
+# Services that may run as several replicas, and the variable that sets how many.
+REPLICAS = {"gateway": "GATEWAY_REPLICAS", "tracker": "TRACKER_REPLICAS", "smoother": "SMOOTHER_REPLICAS",
+            "exporter": "EXPORTER_REPLICAS"}
+
+
 def _compose() -> dict:
     return yaml.safe_load((REPO / "compose.yaml").read_text())
 
 
+def _interpolate(value: str, env: dict[str, str] | None = None) -> str:
+    """compose's `${VAR}` / `${VAR:-default}` / `${VAR-default}` with `env` (empty: the defaults)."""
+    env = env or {}
+
+    def one(match: re.Match) -> str:
+        name, op, default = match.group(1), match.group(2), match.group(3) or ""
+        if op == ":-":
+            return env.get(name) or default
+        if op == "-":
+            return env.get(name, default)
+        return env.get(name, "")
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:-|-)([^}]*))?\}", one, value)
+
+
+def _environment(service: dict) -> dict[str, str]:
+    return {name: _interpolate(str(value)) for name, value in (service.get("environment") or {}).items()}
+
+
 def test_one_container_per_service_started_with_valid_flags():
     services = _compose()["services"]
-    assert set(services) == set(SERVICE_CONFIGS)
+    assert set(services) == set(SERVICE_CONFIGS) | INFRASTRUCTURE
     for name, (module, cls_name, port) in SERVICE_CONFIGS.items():
         command = services[name]["command"]
         assert command[:3] == ["python", "-m", module.split(".")[0]]
@@ -74,3 +104,82 @@ def test_each_image_installs_only_its_services_extra():
         assert services[name]["build"]["args"]["EXTRAS"] == extra
     dockerfile = (REPO / "Dockerfile").read_text()
     assert '[${EXTRAS}]"' in dockerfile and "pip install -e" not in dockerfile
+
+
+def test_every_variable_is_a_setting_and_the_gateway_config_loads():
+    """Each MOCAP_* variable a container gets is read by some service's config (one with a
+    service's prefix by that service's), so a misspelt name cannot pass silently; the gateway's
+    config loads from its command and environment as compose interpolates them by default."""
+    services = _compose()["services"]
+    configs = {name: getattr(importlib.import_module(module), cls_name)
+               for name, (module, cls_name, _) in SERVICE_CONFIGS.items()}
+    env_names = {name: {f.metadata.get("env") or cls.env_prefix() + f.name.upper() for f in dataclasses.fields(cls)}
+                 for name, cls in configs.items()}
+    # Shared names (a setting's explicit env=, like MOCAP_TRACKER_ADDR) may be read by any service.
+    shared = {f.metadata["env"] for cls in configs.values() for f in dataclasses.fields(cls) if f.metadata.get("env")}
+    for name in SERVICE_CONFIGS:
+        for variable in _environment(services[name]):
+            assert variable.startswith("MOCAP_"), f"{name}: {variable}"
+            if variable in shared:
+                continue
+            owner = next((svc for svc, cls in configs.items() if variable.startswith(cls.env_prefix())), None)
+            assert owner and variable in env_names[owner], \
+                f"{name}'s {variable} is no setting of {owner or 'any service'}'s config"
+    gateway = services["gateway"]
+    config = load_config(configs["gateway"], gateway["command"][3:], env=_environment(gateway))
+    assert config.tracker_addr == "dns:///tracker:50052"
+    assert config.smoother_addr == "dns:///smoother:50053"
+    assert config.exporter_addr == "dns:///exporter:50054"
+    assert config.database_url.startswith("postgresql://")
+    assert config.job_claim_ttl_s == 10
+
+
+def test_gateway_job_store_is_the_postgres_service():
+    compose = _compose()
+    services = compose["services"]
+    postgres = services["postgres"]
+    assert postgres["image"] == "postgres:16"
+    assert "ports" not in postgres, "PostgreSQL is for the gateways only: not published on the host"
+    volume, target = postgres["volumes"][0].split(":")
+    assert volume in compose["volumes"] and target == "/var/lib/postgresql/data"
+    assert postgres["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    pg_env = postgres["environment"]
+    # The password comes from the environment, with a development default.
+    assert re.fullmatch(r"\$\{POSTGRES_PASSWORD:-[^}]+\}", pg_env["POSTGRES_PASSWORD"])
+
+    gateway = services["gateway"]
+    url = urlsplit(_environment(gateway)["MOCAP_GATEWAY_DATABASE_URL"])
+    assert (url.scheme, url.hostname, url.port, url.path) == ("postgresql", "postgres", 5432, "/" + pg_env["POSTGRES_DB"])
+    assert url.username == pg_env["POSTGRES_USER"] and url.password == _interpolate(pg_env["POSTGRES_PASSWORD"])
+    # The same variable sets both ends.
+    assert "${POSTGRES_PASSWORD:-" in gateway["environment"]["MOCAP_GATEWAY_DATABASE_URL"]
+    assert _interpolate(gateway["environment"]["MOCAP_GATEWAY_DATABASE_URL"], {"POSTGRES_PASSWORD": "s3cret"}) \
+        == "postgresql://mocap:s3cret@postgres:5432/mocap"
+    assert gateway["depends_on"]["postgres"] == {"condition": "service_healthy"}
+
+
+def test_replicas_from_variables_stages_by_dns_and_one_shared_jobs_volume():
+    compose = _compose()
+    services = compose["services"]
+    for name, variable in REPLICAS.items():
+        replicas = services[name]["deploy"]["replicas"]
+        assert re.fullmatch(rf"\$\{{{variable}:-1\}}", str(replicas)), f"{name}: {replicas}"
+        assert _interpolate(replicas) == "1" and _interpolate(replicas, {variable: "3"}) == "3"
+    # The broker owns the leases: one container, never scaled.
+    assert services["resource"].get("deploy", {}).get("replicas", 1) == 1
+    # Replicas need compose's generated names; a fixed one would refuse the second container.
+    assert not any("container_name" in service for service in services.values())
+    # Stages by dns:/// (every replica's address); the default is one gateway on host port 50051,
+    # several take one port each from a GATEWAY_PORTS range.
+    environment = _environment(services["gateway"])
+    for name in ("tracker", "smoother", "exporter"):
+        port = SERVICE_CONFIGS[name][2]
+        assert environment[f"MOCAP_{name.upper()}_ADDR"] == f"dns:///{name}:{port}"
+    (ports,) = services["gateway"]["ports"]
+    assert _interpolate(ports) == "50051:50051"
+    assert _interpolate(ports, {"GATEWAY_PORTS": "50051-50053"}) == "50051-50053:50051"
+    # Stages publish nothing on the host, so any number of them fit.
+    assert not any("ports" in services[name] for name in ("tracker", "smoother", "exporter"))
+    # Every gateway replica mounts the same named volume (not a per-container anonymous one).
+    volume, target = services["gateway"]["volumes"][0].split(":")
+    assert volume == "jobs" and volume in compose["volumes"] and target == "/data"

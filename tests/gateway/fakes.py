@@ -36,17 +36,28 @@ class Knobs:
     """What a fake does on its next calls, and what it saw."""
 
     mode: str = "ok"  # ok | hang | fail | no_person | corrupt | chatty (tracker: 2000 progress messages)
-    gate: threading.Event = field(default_factory=lambda: _set(threading.Event()))  # tracker waits for it mid-call
+    gate: threading.Event = field(default_factory=lambda: _set(threading.Event()))  # tracker, exporter wait for it mid-call
     calls: int = 0
     bytes_received: int = 0
     started: threading.Event = field(default_factory=threading.Event)
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
+    paused: threading.Event = field(default_factory=threading.Event)  # waiting at the gate, having responded
 
 
 def _set(event: threading.Event) -> threading.Event:
     event.set()
     return event
+
+
+def _wait_at_gate(context: grpc.ServicerContext, knobs: Knobs) -> bool:
+    """Waits mid-call until knobs.gate is set (no wait by default); False when the call ended
+    meanwhile (cancelled, or the server stopped under it)."""
+    knobs.paused.set()
+    while not knobs.gate.wait(0.02):
+        if not context.is_active():
+            return False
+    return True
 
 
 def _hang_until_cancelled(context: grpc.ServicerContext, knobs: Knobs, limit_s: float = 120.0) -> None:
@@ -105,9 +116,8 @@ class FakeTracker(tracker_pb2_grpc.TrackerServiceServicer):
         self.digest = digest.hexdigest()
         frames = (header.frame_count if header else 0) or 10
         yield tracker_pb2.TrackResponse(progress=tracker_pb2.TrackProgress(frames_done=frames // 2, frames_total=frames))
-        while not k.gate.wait(0.02):
-            if not context.is_active():
-                return
+        if not _wait_at_gate(context, k):
+            return
         if k.mode == "chatty":
             for i in range(2000):
                 yield tracker_pb2.TrackResponse(progress=tracker_pb2.TrackProgress(frames_done=i % frames, frames_total=frames))
@@ -225,6 +235,8 @@ class FakeExporter(exporter_pb2_grpc.ExporterServiceServicer):
                 filename=name, kind=kind, track_id=track_id, size_bytes=len(body), sha256=sha, media_type=media))
             for offset in range(0, len(body), 1000):
                 yield exporter_pb2.ExportResponse(chunk=exporter_pb2.FileChunk(offset=offset, data=body[offset:offset + 1000]))
+                if i == 0 and offset == 0 and not _wait_at_gate(context, k):  # a file half sent
+                    return
             if k.mode == "hang":
                 _hang_until_cancelled(context, k)
                 return
@@ -241,6 +253,7 @@ class FakeStages:
     def __init__(self) -> None:
         self.tracker, self.smoother, self.exporter = FakeTracker(), FakeSmoother(), FakeExporter()
         self._servers: list[grpc.Server] = []
+        self.servers: dict[str, grpc.Server] = {}
         self.addresses: dict[str, str] = {}
         for name, servicer, add in (
             ("tracker", self.tracker, tracker_pb2_grpc.add_TrackerServiceServicer_to_server),
@@ -253,11 +266,16 @@ class FakeStages:
             port = server.add_insecure_port("127.0.0.1:0")
             server.start()
             self._servers.append(server)
+            self.servers[name] = server
             self.addresses[name] = f"127.0.0.1:{port}"
 
     def stop(self) -> None:
         for server in self._servers:
             server.stop(0)
+
+    def kill(self, name: str) -> None:
+        """Stops one fake's server at once, aborting its calls in flight (a replica that dies)."""
+        self.servers[name].stop(0).wait(10)
 
     def config_overrides(self, absent: tuple[str, ...] = ()) -> dict[str, str]:
         """Stage addresses for GatewayConfig; an absent stage gets a port nothing listens on."""

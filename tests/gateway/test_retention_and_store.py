@@ -91,44 +91,44 @@ def _job(job_id: str = "j-aaaaaaaaaaaaaaaaaaaa") -> JobRecord:
 
 
 @pytest.fixture
-def store(tmp_path):
+async def store(tmp_path):
     from gateway.jobs import UploadRecord
 
     s = SqliteJobStore(tmp_path / "store.sqlite3", job_retention_s=60)
     job = _job()
-    s.insert_upload(UploadRecord(upload_id=job.job_id, tenant="t", request_id="", display_filename="x.mp4", size_bytes=1,
+    await s.insert_upload(UploadRecord(upload_id=job.job_id, tenant="t", request_id="", display_filename="x.mp4", size_bytes=1,
                                  declared_sha256="", options=job.options, committed_bytes=0, create_us=job.create_us,
                                  expire_us=job.create_us + 1))
-    s.create_job_from_upload(job.job_id, job)
+    await s.create_job_from_upload(job.job_id, job)
     yield s
-    s.close()
+    await s.close()
 
 
-def test_transitions_follow_the_state_machine(store):
+async def test_transitions_follow_the_state_machine(store):
     job_id = "j-aaaaaaaaaaaaaaaaaaaa"
-    assert store.transition(job_id, SUCCEEDED) is None  # QUEUED cannot jump to SUCCEEDED
-    assert store.transition(job_id, RUNNING).state == RUNNING
-    assert store.transition(job_id, RUNNING) is None
-    ended = store.transition(job_id, FAILED, error=JobError("STAGE_FAILED", "boom", 1))
+    assert await store.transition(job_id, SUCCEEDED) is None  # QUEUED cannot jump to SUCCEEDED
+    assert (await store.transition(job_id, RUNNING)).state == RUNNING
+    assert await store.transition(job_id, RUNNING) is None
+    ended = await store.transition(job_id, FAILED, error=JobError("STAGE_FAILED", "boom", 1))
     assert ended.state == FAILED and ended.end_us and ended.expire_us > ended.end_us
     for state in (RUNNING, SUCCEEDED, CANCELLED, FAILED):
-        assert store.transition(job_id, state) is None  # nothing after a terminal state
-    assert [e.seq for e in store.events_after(job_id, 0, 100)] == [1, 2, 3]
-    assert store.get_job(job_id).error == JobError("STAGE_FAILED", "boom", 1)
+        assert await store.transition(job_id, state) is None  # nothing after a terminal state
+    assert [e.seq for e in (await store.events_after(job_id, 0, 100))] == [1, 2, 3]
+    assert (await store.get_job(job_id)).error == JobError("STAGE_FAILED", "boom", 1)
 
 
-def test_terminal_state_is_final_even_for_raw_sql(store, tmp_path):
+async def test_terminal_state_is_final_even_for_raw_sql(store, tmp_path):
     job_id = "j-aaaaaaaaaaaaaaaaaaaa"
-    store.transition(job_id, CANCELLED)
+    await store.transition(job_id, CANCELLED)
     with sqlite3.connect(tmp_path / "store.sqlite3") as db, pytest.raises(sqlite3.IntegrityError, match="terminal"):
         db.execute("UPDATE jobs SET state = 'RUNNING' WHERE job_id = ?", (job_id,))
-    assert store.get_job(job_id).state == CANCELLED
+    assert (await store.get_job(job_id)).state == CANCELLED
 
 
-def test_stage_events_only_for_running_jobs(store):
+async def test_stage_events_only_for_running_jobs(store):
     job_id = "j-aaaaaaaaaaaaaaaaaaaa"
     event = gateway_pb2.JobEvent(type=gateway_pb2.JOB_EVENT_TYPE_STAGE_STARTED, stage=1)
-    assert not store.record_stage_event(job_id, event, 0.1)  # still QUEUED
-    store.transition(job_id, RUNNING)
-    assert store.record_stage_event(job_id, event, 0.1)
-    assert store.get_job(job_id).progress == pytest.approx(0.1)
+    assert not await store.record_stage_event(job_id, event, 0.1)  # still QUEUED
+    await store.transition(job_id, RUNNING)
+    assert await store.record_stage_event(job_id, event, 0.1)
+    assert (await store.get_job(job_id)).progress == pytest.approx(0.1)
