@@ -133,6 +133,8 @@ class StageBars:
                                 + (f" — {event.message}" if event.message else ""))
         elif kind == gateway_pb2.JOB_EVENT_TYPE_STAGE_RETRY:
             self._console.print(f"[yellow]{STAGE_LABEL.get(event.stage, 'stage')}: {event.message}[/yellow]")
+        elif kind == gateway_pb2.JOB_EVENT_TYPE_RESUMED:
+            self._console.print(f"[yellow]{event.message}[/yellow]")
         elif event.stage:
             task = self._task(event.stage)
             done = 1.0 if kind == gateway_pb2.JOB_EVENT_TYPE_STAGE_FINISHED else event.stage_progress

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from mocap_common.channels import channel_target
 from mocap_common.config import ServiceConfig, setting
 
 GiB = 1024**3
@@ -108,6 +109,17 @@ class GatewayConfig(ServiceConfig):
             raise SystemExit("gateway: " + "; ".join(
                 part for part in (bad and f"these options must be > 0: {', '.join(bad)}",
                                   negative and f"these options must be >= 0: {', '.join(negative)}") if part))
+        self._check_addresses_and_store()
+
+    def _check_addresses_and_store(self) -> None:
+        """Refuses a stage address list or database URL that could never work, at startup."""
+        for name in ("tracker_addr", "smoother_addr", "exporter_addr"):
+            try:
+                channel_target(getattr(self, name))
+            except ValueError as exc:
+                raise SystemExit(f"gateway: {name}: {exc}") from None
+        if self.database_url and not self.database_url.startswith(("postgresql://", "postgres://")):
+            raise SystemExit("gateway: database_url must be a postgresql:// URL (empty = SQLite in data_dir)")
 
     @property
     def replica_name(self) -> str:

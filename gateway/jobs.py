@@ -184,11 +184,6 @@ def job_error_proto(error: JobError) -> common_pb2.JobError:
     return common_pb2.JobError(reason=error.reason, message=error.message, stage=error.stage, status=status_proto(status))
 
 
-def interrupted(stage: int = common_pb2.JOB_STAGE_UNSPECIFIED) -> JobError:
-    """Why a job that was RUNNING when the gateway stopped (or died) ended."""
-    return JobError("INTERRUPTED", "the gateway stopped while the job was running; submit it again", stage)
-
-
 @dataclass(frozen=True)
 class JobRecord:
     """One job as stored. Times are microseconds since the Unix epoch (0 = not yet)."""

@@ -16,7 +16,9 @@ Startup sweep (before the gateway serves):
   written before its directory, so a directory without a row is an orphan; with replicas, one
   younger than ORPHAN_MIN_AGE_S is left for the next sweep all the same).
 
-Periodic cleanup: ended jobs past their expire time and interrupted uploads past theirs are
+Periodic cleanup: ended jobs past their expire time are removed, and interrupted uploads that
+nobody streams any more and that are past their expire time or cannot be resumed (as above: with
+replicas, an upload whose streaming replica died becomes unstreamed when its lease lapses) are
 removed (the store first, then the files, so a crash in between leaves only an orphan directory,
 which the next sweep removes).
 """
@@ -85,20 +87,7 @@ class Retention:
                     job_dir.remove_tracks()
                 else:
                     job_dir.remove_intermediates()
-        now = now_us()
-        for upload in await self._store.uploads():
-            if upload.complete or (not self._exclusive and upload.stream_expire_us > now):
-                continue
-            if upload.stream_owner:  # exclusive: the stream of a process that is gone
-                await self._store.release_upload_stream(upload.upload_id, upload.stream_owner)
-            expired = upload.expire_us <= now
-            lost = upload.committed_bytes > 0 and not self._dir(upload.upload_id).partial.exists()
-            # Nobody streams it (see above), so an upload without a request_id, or without a
-            # committed byte, is one nobody can resume.
-            unresumable = not upload.request_id or upload.committed_bytes == 0
-            if expired or lost or unresumable:
-                await self._remove_upload(upload.upload_id)
-                report.removed_uploads += 1
+        report.removed_uploads = await self._remove_unresumable_uploads(at_startup=True)
         report.removed_orphans = await self._remove_orphans()
         report.expired_jobs = await self.cleanup()
         log.info("startup sweep", **report.__dict__)
@@ -122,17 +111,36 @@ class Retention:
             removed += 1
         return removed
 
+    async def _remove_unresumable_uploads(self, *, at_startup: bool = False) -> int:
+        """Removes interrupted uploads nobody streams that are expired, lost their bytes, or can
+        never be resumed (no request_id, or no byte committed). An upload whose stream lease is
+        live is being streamed by some replica; at the startup of an exclusive (SQLite) gateway
+        every lease is its own dead process's, and is released."""
+        now, removed = now_us(), 0
+        for upload in await self._store.uploads():
+            if upload.complete or self._upload_is_live(upload.upload_id):
+                continue
+            if upload.stream_expire_us > now and not (at_startup and self._exclusive):
+                continue
+            if upload.stream_owner and at_startup and self._exclusive:
+                await self._store.release_upload_stream(upload.upload_id, upload.stream_owner)
+            expired = upload.expire_us <= now
+            lost = upload.committed_bytes > 0 and not self._dir(upload.upload_id).partial.exists()
+            unresumable = not upload.request_id or upload.committed_bytes == 0
+            if expired or lost or unresumable:
+                await self._remove_upload(upload.upload_id)
+                removed += 1
+        return removed
+
     async def cleanup(self) -> int:
-        """Removes expired ended jobs and expired interrupted uploads; returns the jobs removed."""
+        """Removes expired ended jobs and interrupted uploads that can no longer be resumed;
+        returns the jobs removed."""
         now = now_us()
         expired = await self._store.expired_jobs(now)
         for job in expired:
             await self._store.delete_job(job.job_id)
             self._dir(job.job_id).remove()
-        for upload in await self._store.uploads():
-            if not upload.complete and upload.expire_us <= now and upload.stream_expire_us <= now \
-                    and not self._upload_is_live(upload.upload_id):
-                await self._remove_upload(upload.upload_id)
+        await self._remove_unresumable_uploads()
         if expired:
             log.info("retention removed jobs", count=len(expired))
         return len(expired)

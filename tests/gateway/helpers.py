@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import sqlite3
+import subprocess
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
@@ -108,7 +109,32 @@ def job_dirs(data_dir: Path) -> list[str]:
     return sorted(p.name for p in jobs.iterdir()) if jobs.exists() else []
 
 
+_TABLES = ("jobs", "uploads", "events", "artifacts")
+# The job store the gateways of the running test use: "" = SQLite in their data dir, else a
+# PostgreSQL URL (set by the `database_url` fixture of tests/gateway/conftest.py).
+_database_url = ""
+
+
+def use_database(url: str) -> None:
+    global _database_url
+    _database_url = url
+
+
+def database_url() -> str:
+    return _database_url
+
+
+def store_flags() -> list[str]:
+    """The command-line flags that point a gateway process at the test's job store."""
+    return ["--database-url", _database_url] if _database_url else []
+
+
 def db_rows(data_dir: Path) -> dict[str, int]:
     """Rows per table of the gateway's store (read-only peek: 'no DB row left' checks)."""
+    if _database_url:
+        query = "SELECT " + ", ".join(f"(SELECT COUNT(*) FROM {t})" for t in _TABLES)
+        out = subprocess.run(["psql", "-X", "-At", "-F", " ", "-d", _database_url, "-c", query],
+                             capture_output=True, text=True, check=True).stdout.split()
+        return dict(zip(_TABLES, map(int, out), strict=True))
     with sqlite3.connect(f"file:{data_dir / 'gateway.sqlite3'}?mode=ro", uri=True) as db:
-        return {t: db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("jobs", "uploads", "events", "artifacts")}
+        return {t: db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in _TABLES}

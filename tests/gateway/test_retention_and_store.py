@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import time
 
 import grpc
 import pytest
@@ -11,7 +13,8 @@ import pytest
 from gateway.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobError, JobRecord, canonical_options, now_us
 from gateway.store import SqliteJobStore
 from mocap.v1 import common_pb2, gateway_pb2
-from tests.gateway.helpers import Client, chunks, db_rows, header, job_dirs, rpc_error
+from gateway.retention import ORPHAN_MIN_AGE_S
+from tests.gateway.helpers import Client, chunks, database_url, db_rows, header, job_dirs, rpc_error
 
 
 async def _poll(predicate, timeout_s: float = 30.0) -> None:
@@ -73,11 +76,20 @@ async def test_startup_sweep_removes_expired_uploads_and_orphans(start_gateway, 
         await _abandon_upload(client, runner_bytes, "stale-2")
         await _poll(lambda: asyncio.sleep(0, result=db_rows(data_dir)["uploads"] == 1))
     await first.stop()
-    (data_dir / "jobs" / "not-a-job").mkdir()
-    (data_dir / "jobs" / "stray.tmp").write_bytes(b"x")
+    orphans = [data_dir / "jobs" / "not-a-job", data_dir / "jobs" / "stray.tmp"]
+    orphans[0].mkdir()
+    orphans[1].write_bytes(b"x")
+    young = data_dir / "jobs" / "j-youngyoungyoungyoung"
+    young.mkdir()
+    if database_url():
+        # Shared store: another replica may be creating a directory right now, so only orphans
+        # older than ORPHAN_MIN_AGE_S go (with SQLite, one gateway, every orphan goes).
+        for path in orphans:
+            os.utime(path, (time.time() - ORPHAN_MIN_AGE_S - 1,) * 2)
     await asyncio.sleep(0.5)
     await start_gateway(upload_retention_s=0.3)
-    assert job_dirs(data_dir) == [] and db_rows(data_dir)["uploads"] == 0
+    assert job_dirs(data_dir) == (["j-youngyoungyoungyoung"] if database_url() else [])
+    assert db_rows(data_dir)["uploads"] == 0
 
 
 # ---------------------------------------------------------------------------------------------

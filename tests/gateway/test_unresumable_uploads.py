@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from mocap.v1 import gateway_pb2
-from tests.gateway.helpers import Client, chunks, db_rows, header, job_dirs, rpc_error, sha256_of
+from tests.gateway.helpers import Client, database_url, store_flags, chunks, db_rows, header, job_dirs, rpc_error, sha256_of
 from tests.support import ServiceProcess
 
 pytestmark = pytest.mark.timeout(120)
@@ -20,9 +20,16 @@ pytestmark = pytest.mark.timeout(120)
 STEP = 256 * 1024
 
 
+# With a shared (PostgreSQL) store a restarted gateway cannot know that the uploads the killed one
+# streamed are dead until their stream leases lapse; a short TTL keeps that wait short here.
+SHARED_STORE_TTL_S = 1.0
+
+
 def _gateway(data_dir: Path, stages, log: Path) -> ServiceProcess:
-    return ServiceProcess("gateway", ["--data-dir", str(data_dir), "--min-free-bytes", "0", "--grace-seconds", "2",
-                                      "--upload-commit-bytes", str(STEP), *stages.flags()], log_path=log)
+    ttl = ["--job-claim-ttl-s", str(SHARED_STORE_TTL_S)] if database_url() else []
+    return ServiceProcess("gateway", ["--data-dir", str(data_dir), *store_flags(), *ttl, "--min-free-bytes", "0",
+                                      "--grace-seconds", "2", "--upload-commit-bytes", str(STEP), *stages.flags()],
+                          log_path=log)
 
 
 def _open_stream(client: Client, messages: list[gateway_pb2.CreateJobRequest]) -> tuple[object, asyncio.Event]:
@@ -68,7 +75,14 @@ async def test_a_gateway_killed_mid_upload_leaves_only_resumable_uploads_after_i
         await asyncio.to_thread(first.stop)
     assert db_rows(data_dir)["uploads"] == 3 and len(job_dirs(data_dir)) == 3  # what the crash left
 
-    second = await start_gateway()  # its startup sweep runs before it serves
+    if not database_url():
+        second = await start_gateway()  # its startup sweep runs before it serves
+    else:  # the killed gateway's stream leases lapse first; then the periodic cleanup removes them
+        second = await start_gateway(job_claim_ttl_s=SHARED_STORE_TTL_S, retention_interval_s=0.2)
+        for _ in range(200):
+            if db_rows(data_dir)["uploads"] == 1:
+                break
+            await asyncio.sleep(0.05)
     assert db_rows(data_dir)["uploads"] == 1 and len(job_dirs(data_dir)) == 1
     async with Client(f"127.0.0.1:{second.port}") as client:
         kept = await client.stub.GetUpload(gateway_pb2.GetUploadRequest(request_id="keep-1"))

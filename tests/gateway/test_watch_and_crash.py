@@ -5,14 +5,17 @@ their last finished stage, leaving no intermediate file behind."""
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 
+from gateway.retention import ORPHAN_MIN_AGE_S
 from mocap.v1 import common_pb2, gateway_pb2
 from tests.gateway.fakes import FakeStages
-from tests.gateway.helpers import Client, db_rows, job_dirs, rpc_error
+from tests.gateway.helpers import Client, store_flags, db_rows, job_dirs, rpc_error
 from tests.support import ServiceProcess
 
 T = gateway_pb2
@@ -81,7 +84,7 @@ async def test_watch_validates_its_request(client):
 
 
 def _gateway(data_dir: Path, stages: FakeStages, log: Path, port: int | None = None) -> ServiceProcess:
-    return ServiceProcess("gateway", ["--data-dir", str(data_dir), "--min-free-bytes", "0", "--grace-seconds", "2",
+    return ServiceProcess("gateway", ["--data-dir", str(data_dir), *store_flags(), "--min-free-bytes", "0", "--grace-seconds", "2",
                                       "--stage-retry-backoff-s", "0.05", *stages.flags()], log_path=log, port=port)
 
 
@@ -113,6 +116,7 @@ async def test_kill_9_while_running_resumes_the_job_after_its_last_stage(gateway
     orphan = data_dir / "jobs" / "j-orphanorphanorphan22"
     orphan.mkdir()
     (orphan / "input.mp4").write_bytes(b"left by a crash")
+    os.utime(orphan, (time.time() - ORPHAN_MIN_AGE_S - 1,) * 2)  # old enough for a shared store's sweep too
 
     await asyncio.to_thread(first.kill)
     stages.exporter.knobs.mode = "ok"
