@@ -2,7 +2,7 @@
 both makes one job, the tenant's limit holds across them, a job running on one is watched live
 and cancelled through the other, and a job queued on one is run by whichever is free.
 
-These need a shared store, so they run on the PostgreSQL backend only (SQLite is one gateway).
+These need a shared store, so they run on the PostgreSQL backend only (SQLite serves one gateway).
 """
 
 from __future__ import annotations
@@ -14,15 +14,21 @@ import grpc
 import pytest
 
 from mocap.v1 import common_pb2, gateway_pb2
-from tests.gateway.helpers import Client, database_url, db_rows, job_dirs, rpc_error
+from tests.gateway.helpers import Client, db_rows, job_dirs, use_database
+from tests.pgserver import postgres_server, postgres_url  # noqa: F401 - fixtures
 
 T = gateway_pb2
 
 
 @pytest.fixture
+def database_url(postgres_url):  # noqa: F811 - this module: PostgreSQL only
+    use_database(postgres_url)
+    yield postgres_url
+    use_database("")
+
+
+@pytest.fixture
 async def two_gateways(start_gateway):
-    if not database_url():
-        pytest.skip("replicas share a PostgreSQL store; SQLite serves one gateway")
     first = await start_gateway(replica_id="gw-a", job_claim_ttl_s=2.0, job_poll_s=0.2)
     second = await start_gateway(replica_id="gw-b", job_claim_ttl_s=2.0, job_poll_s=0.2)
     async with Client(f"127.0.0.1:{first.port}") as a, Client(f"127.0.0.1:{second.port}") as b:
@@ -51,8 +57,6 @@ async def test_a_request_id_raced_through_two_replicas_makes_one_job(two_gateway
 
 
 async def test_the_tenant_limit_holds_across_replicas(start_gateway, stages, runner_bytes):
-    if not database_url():
-        pytest.skip("replicas share a PostgreSQL store; SQLite serves one gateway")
     stages.tracker.knobs.mode = "hang"  # accepted jobs stay active
     gateways = [await start_gateway(replica_id=f"gw-{i}", max_active_jobs_per_tenant=3) for i in range(2)]
     async with Client(f"127.0.0.1:{gateways[0].port}") as a, Client(f"127.0.0.1:{gateways[1].port}") as b:
