@@ -256,8 +256,8 @@ class ReplicaMesh:
             if not active:
                 return []
             if time.monotonic() > deadline:
-                return [f"{l.name} on {l.device} held by {l.holder.service} pid {l.holder.pid} for {l.holder.job}, "
-                        f"expires {l.expire_time.ToDatetime().isoformat()}" for l in active]
+                return [f"{lease.name} on {lease.device} held by {lease.holder.service} pid {lease.holder.pid} for {lease.holder.job}, "
+                        f"expires {lease.expire_time.ToDatetime().isoformat()}" for lease in active]
             time.sleep(0.2)
 
 

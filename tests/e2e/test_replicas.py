@@ -30,7 +30,7 @@ import time
 
 import pytest
 
-from mocap.v1 import common_pb2, gateway_pb2
+from mocap.v1 import common_pb2
 from tests.e2e.replicas import (
     EV,
     TRACK,
