@@ -83,7 +83,13 @@ async def watch(store: JobStore, hub: EventHub, job_id: str, after_seq: int,
         if events:
             continue
         job = await store.get_job(job_id)
-        if job is None or job.terminal:  # deleted, or the client already saw the end
+        if job is None:  # deleted
+            return
+        if job.terminal:
+            # It may have ended after the read above: what it wrote since (its terminal event
+            # included) is read again before the stream ends; a client that saw the end gets none.
+            if await store.events_after(job_id, after_seq, 1):
+                continue
             return
         if hub.closed:
             raise Unavailable("the gateway is shutting down; reconnect with after_seq to resume", retry_after_s=1.0)

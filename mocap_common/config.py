@@ -121,8 +121,9 @@ def load_config(cls: type[T], argv: Sequence[str] | None = None, env: Mapping[st
             values[f.name] = _parse(hints[f.name], env[name], f"${name}")
     parser = argparse.ArgumentParser(prog=f"mocap-{cls.service_name}", description=cls.__doc__)
     for f in dataclasses.fields(cls):
-        parser.add_argument(_flag(f.name), dest=f.name, default=None, help=f"{f.metadata.get('help', '')} "
-                            f"[env {_env_name(cls, f)}, default {_format_default(f.default)}]")
+        text = f"{f.metadata.get('help', '')} [env {_env_name(cls, f)}, default {_format_default(f.default)}]"
+        # argparse formats help with %: a literal one ("±25 % jitter") must be doubled.
+        parser.add_argument(_flag(f.name), dest=f.name, default=None, help=text.replace("%", "%%"))
     parsed = parser.parse_args(list(argv) if argv is not None else [])
     for f in dataclasses.fields(cls):
         raw = getattr(parsed, f.name)

@@ -13,6 +13,7 @@ from mocap.v1 import smoother_pb2, smoother_pb2_grpc
 from mocap_common.config import ServiceConfig, describe_config, load_config, setting
 from mocap_common.logs import bind_context, configure_logging, get_logger
 from mocap_common.server import ServiceHost
+from mocap_common.services import SERVICES
 
 
 @dataclass(frozen=True)
@@ -94,3 +95,13 @@ def test_configuration_reference_is_current():
 
     assert (REPO / "docs" / "configuration.md").read_text() == configuration_reference(), \
         "regenerate with: python -m mocap_common.config > docs/configuration.md"
+
+
+@pytest.mark.parametrize("spec", SERVICES, ids=lambda s: s.name)
+def test_every_service_prints_its_help(spec, capsys):
+    # argparse formats help texts with %: an option that says "±25 % jitter" once broke --help.
+    with pytest.raises(SystemExit) as ended:
+        load_config(spec.load_config_class(), ["--help"])
+    assert ended.value.code == 0
+    out = capsys.readouterr().out
+    assert "--port" in out and "[env MOCAP_" in out

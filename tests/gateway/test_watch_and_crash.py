@@ -12,7 +12,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from gateway.events import EventHub, watch
+from gateway.jobs import QUEUED, JobRecord, UploadRecord, canonical_options, now_us
 from gateway.retention import ORPHAN_MIN_AGE_S
+from gateway.store import SqliteJobStore
 from mocap.v1 import common_pb2, gateway_pb2
 from tests.gateway.fakes import FakeStages
 from tests.gateway.helpers import Client, store_flags, db_rows, job_dirs, rpc_error
@@ -175,3 +178,34 @@ async def test_watch_across_a_graceful_restart(gateway_process, stages, runner_b
         everything = await client.events(job.name)
     assert _contiguous(seen + rest) and seen + rest == everything and rest[-1].state == SUCCEEDED
     assert any(e.type == T.JOB_EVENT_TYPE_RESUMED for e in rest)
+
+
+class _EndsRightAfterAnEmptyRead(SqliteJobStore):
+    """The real store, with the one interleaving that lost terminal events: the job ends (another
+    task or replica writes SUCCEEDED) between a watcher's read of new events and its job lookup."""
+
+    ended = False
+
+    async def events_after(self, job_id: str, after_seq: int, limit: int) -> list[gateway_pb2.JobEvent]:
+        events = await super().events_after(job_id, after_seq, limit)
+        if not events and not self.ended:
+            self.ended = True
+            await self.transition(job_id, SUCCEEDED)
+        return events
+
+
+async def test_watch_delivers_a_terminal_event_written_between_its_reads(tmp_path):
+    store = _EndsRightAfterAnEmptyRead(tmp_path / "store.sqlite3", job_retention_s=60)
+    try:
+        job = JobRecord(job_id="j-aaaaaaaaaaaaaaaaaaaa", tenant="t", state=QUEUED, display_filename="x.mp4", size_bytes=1,
+                        sha256="0" * 64, options=canonical_options(common_pb2.JobOptions()), input_name="input.mp4",
+                        video=common_pb2.VideoInfo(), create_us=now_us())
+        await store.insert_upload(UploadRecord(upload_id=job.job_id, tenant="t", request_id="", display_filename="x.mp4",
+                                               size_bytes=1, declared_sha256="", options=job.options, committed_bytes=0,
+                                               create_us=job.create_us, expire_us=job.create_us + 1))
+        await store.create_job_from_upload(job.job_id, job)
+        assert await store.claim_job("gw", "token", now_us() + 10_000_000) is not None
+        seen = [event async for event in watch(store, EventHub(), job.job_id, 0, poll_s=0.1)]
+        assert [e.seq for e in seen] == [1, 2, 3] and seen[-1].state == SUCCEEDED
+    finally:
+        await store.close()
