@@ -132,6 +132,10 @@ class RetrySchedule:
 CANCELLED_BY_CLIENT = JobError("CANCELLED", "cancelled at the client's request")
 
 
+class ClaimLost(Exception):
+    """The store refused a write of the job's claim: it was cancelled or taken over elsewhere."""
+
+
 class Outcome(enum.Enum):
     """What a job whose task was cancelled becomes."""
 
@@ -162,6 +166,8 @@ class Pipeline:
             except asyncio.CancelledError:
                 await finish_uncancellable(self._stopped(job, job_dir))
                 raise
+            except ClaimLost:
+                await finish_uncancellable(self._claim_lost(job_dir))
             except StageFailure as failure:
                 await finish_uncancellable(self._end(job, job_dir, FAILED, failure.error))
             except Exception:  # noqa: BLE001 - any bug still ends the job, with nothing leaked
@@ -175,10 +181,8 @@ class Pipeline:
                        quality: common_pb2.QualityReport) -> None:
         if await self._store.transition(job.job_id, SUCCEEDED, artifacts=artifacts, quality=quality,
                                         claim_token=job.claim_token) is None:
-            current = await self._store.get_job(job.job_id)
-            if current is None or current.terminal:
-                job_dir.remove_intermediates()  # cancelled at the last moment: nothing may remain
-            return  # else taken over meanwhile: its new owner makes the artifacts again
+            await self._claim_lost(job_dir)  # cancelled at the last moment, or taken over
+            return
         job_dir.remove_tracks()
         log.info("job succeeded", artifacts=len(artifacts))
 
@@ -192,18 +196,21 @@ class Pipeline:
             await self._store.release_claim(job.job_id, job.claim_token)
             log.info("job handed back for another replica (or the next start) to resume")
         else:
-            current = await self._store.get_job(job.job_id)
-            if current is not None and current.terminal:  # cancelled elsewhere: its files are ours to remove
-                job_dir.remove_intermediates()
+            await self._claim_lost(job_dir)
+
+    async def _claim_lost(self, job_dir: JobDir) -> None:
+        """The store refused a write of this claim: the job ended elsewhere (cancelled, deleted) —
+        then its files are removed here — or another replica took it over, and they are its."""
+        current = await self._store.get_job(job_dir.job_id)
+        if current is None or current.terminal:
+            job_dir.remove_intermediates()
 
     async def _end(self, job: JobRecord, job_dir: JobDir, state: int, error: JobError) -> None:
         ended = await self._store.transition(job.job_id, state, error=error, claim_token=job.claim_token)
         if ended is None:
-            current = await self._store.get_job(job.job_id)
-            if current is not None and not current.terminal:
-                return  # taken over meanwhile: the files are the new owner's
-        job_dir.remove_intermediates()
-        if ended is not None:
+            await self._claim_lost(job_dir)
+        else:
+            job_dir.remove_intermediates()
             log.info("job ended", state=common_pb2.JobState.Name(state), reason=error.reason, message=error.message)
 
     async def _process(self, job: JobRecord, job_dir: JobDir) -> tuple[tuple[common_pb2.Artifact, ...], common_pb2.QualityReport]:
@@ -253,7 +260,7 @@ class Pipeline:
 
     async def _checkpoint(self, job: JobRecord, stage: int, checkpoint: "StageCheckpoint") -> None:
         if not await self._store.record_checkpoint(job.job_id, job.claim_token, stage, checkpoint.to_bytes()):
-            raise asyncio.CancelledError  # the claim is gone: stop here (the orchestrator stops us too)
+            raise ClaimLost(job.job_id)
 
     async def _stage(self, job: JobRecord, stage: int, deadline: float, throttle: ProgressThrottle,
                      call: Callable[[float, ProgressCallback], Awaitable[T]]) -> T:
